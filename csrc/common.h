@@ -1,0 +1,128 @@
+/*
+ * What the kernels share: the work plan (how an array is cut into tiles and threads),
+ * Chan's exact merge of moments, and run-time ISA dispatch for the hot loops.
+ * Internal to csrc/; Python never sees these.
+ */
+#ifndef FASTBN_COMMON_H
+#define FASTBN_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "fastbn.h"
+
+/*
+ * Run-time ISA dispatch: the compiler builds the hot loops once per ISA level and the
+ * loader picks the best the CPU has (ifunc). The wheel is built for baseline x86-64, so
+ * this is how AVX2 and AVX-512 machines get their vector width.
+ */
+#if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute) && \
+    !defined(FBN_NO_DISPATCH)
+#if __has_attribute(target_clones)
+#define FBN_DISPATCH __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+#endif
+#ifndef FBN_DISPATCH
+#define FBN_DISPATCH
+#endif
+
+/* Contiguous elements processed per two-pass moments chunk: a chunk stays in L1. */
+#define FBN_L1_BYTES (32 * 1024)
+/* Data of one tile that the second pass of a kernel expects to find in L2. */
+#define FBN_L2_BYTES (512 * 1024)
+/* Columns per sub-tile when channels are contiguous (inner == 1); sizes stack scratch. */
+#define FBN_COLUMNS 256
+/* Below this many elements a kernel runs on the calling thread: an OpenMP region costs
+   microseconds, more than the whole job. */
+#define FBN_PARALLEL_MIN_ELEMENTS (64 * 1024)
+
+/*
+ * Chan, Golub & LeVeque: fold partial moments (count_b, mean_b, m2_b) into
+ * (count, mean, m2). Exact in exact arithmetic, and stable: no E[x^2] - E[x]^2.
+ */
+static inline void fbn_merge_moments(double *count, double *mean, double *m2, double count_b,
+                                     double mean_b, double m2_b)
+{
+    if (count_b == 0)
+        return;
+    double n = *count + count_b;
+    double delta = mean_b - *mean;
+    double share_b = count_b / n;
+    *mean += delta * share_b;
+    *m2 += m2_b + delta * delta * *count * share_b;
+    *count = n;
+}
+
+/* A rectangle of work: channels [c0, c1) and, within each channel, the flat positions
+   [m0, m1) of its outer*inner values (position m is outer index m / inner, inner index
+   m % inner). */
+typedef struct {
+    int64_t c0, c1, m0, m1;
+} fbn_tile;
+
+/*
+ * Steps through the contiguous runs of channel c within positions [*m, m1): sets the
+ * run's first element (*at, an offset into the array) and length (*n), advances *m.
+ * Returns 0 when no run is left.
+ */
+static inline int fbn_next_run(fbn_shape shape, int64_t c, int64_t *m, int64_t m1, int64_t *at,
+                               int64_t *n)
+{
+    if (*m >= m1)
+        return 0;
+    const int64_t o = *m / shape.inner, i = *m - o * shape.inner;
+    *n = shape.inner - i < m1 - *m ? shape.inner - i : m1 - *m;
+    *at = (o * shape.channels + c) * shape.inner + i;
+    *m += *n;
+    return 1;
+}
+
+/*
+ * How a kernel spreads over threads. by_channel: each part owns whole channels, in tiles
+ * small enough that a second pass over a tile reads cache, so the tile is finished in one
+ * go. Otherwise every part takes a slice of positions for all channels and keeps partial
+ * results, merged afterwards: this keeps every core busy when channels are few.
+ */
+typedef struct {
+    int nparts;
+    int by_channel;
+    int64_t channels_per_tile; /* by_channel only */
+} fbn_plan;
+
+fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int parallel_only_by_position);
+
+/* The slice [begin, end) of [0, n) that part `part` of `nparts` owns. */
+static inline void fbn_split(int64_t n, int part, int nparts, int64_t *begin, int64_t *end)
+{
+    int64_t base = n / nparts, extra = n % nparts;
+    *begin = part * base + (part < extra ? part : extra);
+    *end = *begin + base + (part < extra);
+}
+
+/* The tile a by_channel part owns: tile index t of the plan. */
+static inline fbn_tile fbn_channel_tile(fbn_shape shape, const fbn_plan *plan, int64_t t)
+{
+    fbn_tile tile;
+    tile.c0 = t * plan->channels_per_tile;
+    tile.c1 = tile.c0 + plan->channels_per_tile;
+    if (tile.c1 > shape.channels)
+        tile.c1 = shape.channels;
+    tile.m0 = 0;
+    tile.m1 = shape.outer * shape.inner;
+    return tile;
+}
+
+static inline int64_t fbn_tile_count(fbn_shape shape, const fbn_plan *plan)
+{
+    return (shape.channels + plan->channels_per_tile - 1) / plan->channels_per_tile;
+}
+
+/* Threads available to a kernel over `elements` values: 1 for small input and in a child
+   process forked after OpenMP was used (threads.c). */
+int fbn_threads_for(int64_t elements);
+
+/* Calls body(context, part, nparts) for every part, on nparts threads when nparts > 1. */
+typedef void (*fbn_part_body)(void *context, int part, int nparts);
+void fbn_run_parts(fbn_part_body body, void *context, int nparts);
+
+#endif

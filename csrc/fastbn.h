@@ -1,0 +1,56 @@
+/*
+ * fastbn's C kernels: batch normalization over C-contiguous arrays.
+ *
+ * Every array is seen as a 3-D block (outer, channels, inner): the channel axis in the
+ * middle, everything before it folded into `outer`, everything after it into `inner`.
+ * NCHW with the channel axis 1 is (N, C, H*W); (N, C) and channels-last input have inner == 1.
+ * Sizes and indices are 64-bit throughout.
+ *
+ * Each kernel exists for float (suffix _f32) and double (_f64); both are expanded from one
+ * template in kernels/. Per-channel statistics are accumulated in double for both.
+ * Optional per-channel arrays (weight, bias) may be NULL: weight 1, bias 0.
+ * Kernels return FBN_OK, or FBN_NO_MEMORY when their scratch space cannot be allocated
+ * (nothing has been written then). They never call into Python and hold no locks.
+ */
+#ifndef FASTBN_H
+#define FASTBN_H
+
+#include <stdint.h>
+
+typedef struct {
+    int64_t outer;
+    int64_t channels;
+    int64_t inner;
+} fbn_shape;
+
+enum { FBN_OK = 0, FBN_NO_MEMORY = 1 };
+
+#define FBN_DECLARE_KERNELS(T, SUFFIX)                                                        \
+    /* Per-channel mean and m2 = sum of squared deviations (count = outer*inner). */          \
+    int fbn_moments_##SUFFIX(const T *x, fbn_shape shape, double *mean, double *m2);          \
+    /* Training forward: batch mean and biased var out (double), y normalized with them. */  \
+    int fbn_forward_train_##SUFFIX(const T *x, T *y, fbn_shape shape, const T *weight,        \
+                                   const T *bias, double eps, double *mean, double *var);     \
+    /* Eval forward: y normalized with the running statistics. */                             \
+    int fbn_forward_eval_##SUFFIX(const T *x, T *y, fbn_shape shape, const T *running_mean,   \
+                                  const T *running_var, const T *weight, const T *bias,       \
+                                  double eps);                                                \
+    /* Backward. training != 0: mean/invstd are batch statistics (depend on x);              \
+       training == 0: they are constants. grad_weight and grad_bias are always written. */   \
+    int fbn_backward_##SUFFIX(const T *grad_out, const T *x, T *grad_x, fbn_shape shape,      \
+                              const T *mean, const T *invstd, const T *weight, int training,  \
+                              T *grad_weight, T *grad_bias);
+
+FBN_DECLARE_KERNELS(float, f32)
+FBN_DECLARE_KERNELS(double, f64)
+
+/* Threads (threads.c). set_num_threads(0) returns to the OpenMP default. */
+int fbn_openmp_enabled(void);
+int fbn_get_num_threads(void);
+void fbn_set_num_threads(int num_threads);
+
+/* What the build and the CPU give: "avx512", "avx2" or "baseline"; the compiler flags. */
+const char *fbn_simd_level(void);
+const char *fbn_build_flags(void);
+
+#endif

@@ -1,0 +1,12 @@
+/* fastbn's kernels for double: each template in kernels/ expanded with T = double. */
+#include <math.h>
+#include <stdlib.h>
+
+#include "common.h"
+
+#define T double
+#define FBN_EXPORT(name) name##_f64
+
+#include "kernels/loops.inc"
+#include "kernels/forward.inc"
+#include "kernels/backward.inc"

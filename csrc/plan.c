@@ -1,0 +1,39 @@
+/* How a kernel cuts an array into tiles and spreads them over threads (see common.h). */
+#include "common.h"
+
+/*
+ * bytes_per_value: bytes of input a kernel reads per value and wants cached between its
+ * passes (x for the forward pass; x and grad_out for the backward pass).
+ */
+fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int parallel_only_by_position)
+{
+    const int64_t C = shape.channels, M = shape.outer * shape.inner;
+    fbn_plan plan = {fbn_threads_for(C * M), 0, 0};
+    if (parallel_only_by_position || C * M == 0)
+        return plan;
+
+    /* Channels are contiguous when inner == 1: a tile then spans whole cache lines. */
+    const int64_t granule = shape.inner == 1 ? (C < 16 ? C : 16) : 1;
+    const int64_t channel_bytes = M * (int64_t)bytes_per_value;
+    int64_t fit = FBN_L2_BYTES / (channel_bytes > 0 ? channel_bytes : 1);
+    fit -= fit % granule;
+    if (fit < granule)
+        return plan; /* not even one granule stays in cache: stream by position */
+
+    /* At least one tile per thread, then tiles of equal size. */
+    int64_t tiles = (C + fit - 1) / fit;
+    if (tiles < plan.nparts)
+        tiles = plan.nparts;
+    int64_t per_tile = (C + tiles - 1) / tiles;
+    per_tile = (per_tile + granule - 1) / granule * granule;
+    tiles = (C + per_tile - 1) / per_tile;
+
+    /* Whole tiles per thread must not leave a core idle for long: the busiest thread may
+       do at most 25% more than an even share, else split by position. */
+    int64_t busiest = (tiles + plan.nparts - 1) / plan.nparts;
+    if (plan.nparts > 1 && 4 * busiest * plan.nparts > 5 * tiles)
+        return plan;
+    plan.by_channel = 1;
+    plan.channels_per_tile = per_tile;
+    return plan;
+}

@@ -1,0 +1,118 @@
+/*
+ * Threads, fork safety and what this build and CPU provide.
+ *
+ * Every OpenMP construct of fastbn is in this file: kernels describe their work as parts
+ * and fbn_run_parts runs them. That keeps two rules in one place:
+ *  - small jobs never enter a parallel region (it costs microseconds);
+ *  - a child forked after the parent used OpenMP never does either: GNU libgomp's thread
+ *    pool does not survive fork() and a parallel region in the child hangs.
+ */
+#include "common.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define FBN_HAVE_ATFORK 1
+#endif
+
+#if defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L && !defined(__STDC_NO_ATOMICS__)
+#include <stdatomic.h>
+typedef atomic_int fbn_shared_int;
+#else
+typedef volatile int fbn_shared_int;
+#endif
+
+/* 0 until set_num_threads: then OpenMP's own default (OMP_NUM_THREADS, threadpoolctl). */
+static fbn_shared_int requested_threads = 0;
+/* Set in a child forked after this process ran a parallel region. */
+static fbn_shared_int in_forked_child = 0;
+
+int fbn_openmp_enabled(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+void fbn_set_num_threads(int num_threads)
+{
+    requested_threads = num_threads > 0 ? num_threads : 0;
+}
+
+int fbn_get_num_threads(void)
+{
+#ifdef _OPENMP
+    if (in_forked_child)
+        return 1;
+    int requested = requested_threads;
+    return requested > 0 ? requested : omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+int fbn_threads_for(int64_t elements)
+{
+    if (elements < FBN_PARALLEL_MIN_ELEMENTS)
+        return 1;
+    int threads = fbn_get_num_threads();
+    /* Every thread gets at least half the serial threshold, or it costs more than it saves. */
+    int64_t useful = elements / (FBN_PARALLEL_MIN_ELEMENTS / 2);
+    return useful < threads ? (int)useful : threads;
+}
+
+#ifdef FBN_HAVE_ATFORK
+static void mark_forked_child(void) { in_forked_child = 1; }
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+static void register_atfork(void) { pthread_atfork(NULL, NULL, mark_forked_child); }
+#endif
+
+void fbn_run_parts(fbn_part_body body, void *context, int nparts)
+{
+    if (nparts <= 1) {
+        body(context, 0, 1);
+        return;
+    }
+#ifdef _OPENMP
+#ifdef FBN_HAVE_ATFORK
+    pthread_once(&atfork_once, register_atfork);
+#endif
+#pragma omp parallel num_threads(nparts)
+    {
+        /* OpenMP may give fewer threads than asked (nested regions, thread limits):
+           the threads it gives then share out every part. */
+        int team = omp_get_num_threads();
+        for (int part = omp_get_thread_num(); part < nparts; part += team)
+            body(context, part, nparts);
+    }
+#else
+    for (int part = 0; part < nparts; ++part)
+        body(context, part, nparts);
+#endif
+}
+
+const char *fbn_simd_level(void)
+{
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        return "avx512 (x86-64-v4)";
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return "avx2 (x86-64-v3)";
+    return "baseline (x86-64)";
+#else
+    return "baseline (compiler default)";
+#endif
+}
+
+#ifndef FBN_BUILD_FLAGS
+#define FBN_BUILD_FLAGS "unknown"
+#endif
+
+const char *fbn_build_flags(void) { return FBN_BUILD_FLAGS; }

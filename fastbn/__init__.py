@@ -1,0 +1,27 @@
+"""fastbn: fast, numerically exact CPU batch normalization for NumPy.
+
+The functional API mirrors ``torch.nn.functional.batch_norm``; :class:`BatchNorm` is the
+stateful layer. Kernels are C with OpenMP and run without the GIL.
+"""
+
+from fastbn._core import (
+    batch_norm,
+    batch_norm_backward,
+    batch_norm_train,
+    build_info,
+    get_num_threads,
+    openmp_enabled,
+    set_num_threads,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "batch_norm",
+    "batch_norm_backward",
+    "batch_norm_train",
+    "build_info",
+    "get_num_threads",
+    "openmp_enabled",
+    "set_num_threads",
+]

@@ -1,0 +1,478 @@
+"""The functional API: every argument is checked, then one C kernel runs without the GIL.
+
+Nothing is written before every check has passed: not ``out``, not the running
+statistics. Arrays reach the kernels C-contiguous, aligned and in native byte order;
+input that is not is copied once.
+"""
+
+import numbers
+import operator
+
+import numpy as np
+
+cimport numpy as cnp
+
+from fastbn._kernels cimport *
+
+cnp.import_array()
+
+_ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
+
+
+# ----------------------------------------------------------------------------- checks
+
+cdef inline tuple _shape(cnp.ndarray array):
+    return (<object>array).shape
+
+
+cdef inline cnp.ndarray _kernel_ready(cnp.ndarray array):
+    """``array`` as a kernel reads it: C-contiguous, aligned, native byte order."""
+    if cnp.PyArray_ISCARRAY_RO(array) and cnp.PyArray_ISNOTSWAPPED(array):
+        return array
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
+
+
+cdef cnp.ndarray _float_array(object value, str name):
+    if not isinstance(value, cnp.ndarray):
+        raise TypeError(
+            f"{name} must be a numpy.ndarray of float32 or float64, got {type(value).__name__}"
+        )
+    cdef int typenum = cnp.PyArray_TYPE(<cnp.ndarray>value)
+    if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {value.dtype}")
+    return <cnp.ndarray>value
+
+
+cdef cnp.ndarray _channel_array(object value, str name, cnp.ndarray x, cnp.npy_intp channels):
+    """A per-channel array: shape (channels,), x's dtype. Returned as passed (not copied)."""
+    if not isinstance(value, cnp.ndarray):
+        raise TypeError(
+            f"{name} must be a numpy.ndarray of shape ({channels},) and dtype "
+            f"{x.dtype.name}, got {type(value).__name__}"
+        )
+    cdef cnp.ndarray array = <cnp.ndarray>value
+    if cnp.PyArray_TYPE(array) != cnp.PyArray_TYPE(x):
+        raise TypeError(f"{name} must have the input's dtype {x.dtype.name}, got {array.dtype}")
+    if cnp.PyArray_NDIM(array) != 1 or cnp.PyArray_DIM(array, 0) != channels:
+        raise ValueError(
+            f"{name} must have shape ({channels},), one value per channel of x, "
+            f"got shape {_shape(array)}"
+        )
+    return array
+
+
+cdef int _channel_axis(object axis, int ndim) except -1:
+    cdef Py_ssize_t index
+    if isinstance(axis, bool):
+        raise TypeError("axis must be an integer, got bool")
+    try:
+        index = operator.index(axis)
+    except TypeError:
+        raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
+    if not -ndim <= index < ndim:
+        raise np.exceptions.AxisError(index, ndim, "axis")
+    return index + ndim if index < 0 else index
+
+
+cdef double _real(object value, str name) except? -1.0:
+    if type(value) is float:
+        return <double>value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return <double>value
+
+
+cdef double _eps(object eps) except? -1.0:
+    cdef double value = _real(eps, "eps")
+    if not (0.0 <= value < float("inf")):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    return value
+
+
+cdef double _momentum(object momentum) except? -1.0:
+    cdef double value = _real(momentum, "momentum")
+    if not (0.0 <= value <= 1.0):
+        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+    return value
+
+
+cdef class _Batch:
+    """An input checked and viewed as the kernels see it: (outer, channels, inner)."""
+    cdef cnp.ndarray x  # kernel-ready
+    cdef fbn_shape shape
+    cdef int axis
+    cdef bint single_precision
+
+
+cdef _Batch _batch(object x, object axis):
+    cdef cnp.ndarray array = _float_array(x, "x")
+    cdef int ndim = cnp.PyArray_NDIM(array)
+    if ndim < 2:
+        raise ValueError(
+            f"x must have at least 2 dimensions (batch, channels, ...), got shape {_shape(array)}"
+        )
+    cdef _Batch batch = _Batch.__new__(_Batch)
+    batch.axis = _channel_axis(axis, ndim)
+    batch.x = _kernel_ready(array)
+    batch.single_precision = cnp.PyArray_TYPE(array) == cnp.NPY_FLOAT32
+    cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(array)
+    cdef int i
+    batch.shape.outer = 1
+    batch.shape.inner = 1
+    for i in range(batch.axis):
+        batch.shape.outer *= dims[i]
+    batch.shape.channels = dims[batch.axis]
+    for i in range(batch.axis + 1, ndim):
+        batch.shape.inner *= dims[i]
+    return batch
+
+
+cdef int _check_training_batch(_Batch batch) except -1:
+    if batch.shape.outer * batch.shape.inner <= 1:
+        raise ValueError(f"{_ONE_VALUE_PER_CHANNEL}, got input of shape {_shape(batch.x)}")
+    return 0
+
+
+cdef cnp.ndarray _output(_Batch batch, object out):
+    """A fresh output array, or ``out`` once it is known to fit; x is copied if out overlaps it."""
+    cdef cnp.ndarray x = batch.x
+    if out is None:
+        return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
+    if not isinstance(out, cnp.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    cdef cnp.ndarray array = <cnp.ndarray>out
+    if cnp.PyArray_TYPE(array) != cnp.PyArray_TYPE(x) or not cnp.PyArray_ISNOTSWAPPED(array):
+        raise TypeError(f"out must have the input's dtype {x.dtype.name}, got {array.dtype}")
+    if _shape(array) != _shape(x):
+        raise ValueError(f"out must have the input's shape {_shape(x)}, got {_shape(array)}")
+    if not cnp.PyArray_ISCARRAY_RO(array):
+        raise ValueError("out must be C-contiguous and aligned")
+    if not cnp.PyArray_ISWRITEABLE(array):
+        raise ValueError("out is read-only")
+    if cnp.PyArray_DATA(array) != cnp.PyArray_DATA(x) and np.may_share_memory(array, x):
+        batch.x = x.copy()  # out overlaps x without being x: read a copy
+    return array
+
+
+cdef inline const void *_data(cnp.ndarray array):
+    return NULL if array is None else cnp.PyArray_DATA(array)
+
+
+cdef inline cnp.ndarray _ready_or_none(cnp.ndarray array):
+    return None if array is None else _kernel_ready(array)
+
+
+cdef inline int _raise_on_failure(int status) except -1:
+    if status == FBN_NO_MEMORY:
+        raise MemoryError("fastbn: not enough memory for the kernel's scratch space")
+    return 0
+
+
+# ----------------------------------------------------------------------- kernel calls
+
+cdef tuple _train_kernel(_Batch batch, cnp.ndarray y, cnp.ndarray weight, cnp.ndarray bias,
+                         double eps):
+    """Runs the training forward kernel; returns the batch (mean, biased var) in float64."""
+    cdef cnp.npy_intp channels = batch.shape.channels
+    cdef cnp.ndarray mean = cnp.PyArray_EMPTY(1, &channels, cnp.NPY_FLOAT64, 0)
+    cdef cnp.ndarray var = cnp.PyArray_EMPTY(1, &channels, cnp.NPY_FLOAT64, 0)
+    weight = _ready_or_none(weight)
+    bias = _ready_or_none(bias)
+    cdef const void *xp = _data(batch.x)
+    cdef void *yp = cnp.PyArray_DATA(y)
+    cdef const void *wp = _data(weight)
+    cdef const void *bp = _data(bias)
+    cdef double *meanp = <double *>cnp.PyArray_DATA(mean)
+    cdef double *varp = <double *>cnp.PyArray_DATA(var)
+    cdef int status
+    with nogil:
+        if batch.single_precision:
+            status = fbn_forward_train_f32(<const float *>xp, <float *>yp, batch.shape,
+                                           <const float *>wp, <const float *>bp, eps, meanp, varp)
+        else:
+            status = fbn_forward_train_f64(<const double *>xp, <double *>yp, batch.shape,
+                                           <const double *>wp, <const double *>bp, eps, meanp,
+                                           varp)
+    _raise_on_failure(status)
+    return mean, var
+
+
+cdef _eval_kernel(_Batch batch, cnp.ndarray y, cnp.ndarray running_mean,
+                  cnp.ndarray running_var, cnp.ndarray weight, cnp.ndarray bias, double eps):
+    running_mean = _kernel_ready(running_mean)
+    running_var = _kernel_ready(running_var)
+    weight = _ready_or_none(weight)
+    bias = _ready_or_none(bias)
+    cdef const void *xp = _data(batch.x)
+    cdef void *yp = cnp.PyArray_DATA(y)
+    cdef const void *mp = _data(running_mean)
+    cdef const void *vp = _data(running_var)
+    cdef const void *wp = _data(weight)
+    cdef const void *bp = _data(bias)
+    cdef int status
+    with nogil:
+        if batch.single_precision:
+            status = fbn_forward_eval_f32(<const float *>xp, <float *>yp, batch.shape,
+                                          <const float *>mp, <const float *>vp,
+                                          <const float *>wp, <const float *>bp, eps)
+        else:
+            status = fbn_forward_eval_f64(<const double *>xp, <double *>yp, batch.shape,
+                                          <const double *>mp, <const double *>vp,
+                                          <const double *>wp, <const double *>bp, eps)
+    _raise_on_failure(status)
+
+
+# ---------------------------------------------------------------------- public API
+
+def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, axis=1, out=None):
+    """Batch normalization, as ``torch.nn.functional.batch_norm``.
+
+    Parameters
+    ----------
+    x : numpy.ndarray of float32 or float64, ndim >= 2
+        Input; the channel (feature) axis is ``axis``. Any memory order; input that is
+        not C-contiguous is copied once.
+    running_mean, running_var : numpy.ndarray of shape (C,) or None
+        Running statistics, of x's dtype. Required when ``training`` is false. When
+        ``training`` is true and they are given, they are updated in place:
+        ``running = (1 - momentum) * running + momentum * batch_statistic``, with the
+        unbiased batch variance for ``running_var`` (PyTorch's rule).
+    weight, bias : numpy.ndarray of shape (C,) or None
+        Affine parameters (gamma, beta), of x's dtype; None means 1 and 0.
+    training : bool
+        True: normalize with the batch statistics (accumulated in float64 with
+        Chan's merge of per-block moments). False: with the running statistics.
+    momentum : float in [0, 1]
+        Weight of the new batch in the running statistics (PyTorch's convention;
+        Keras's momentum is 1 minus this).
+    eps : float >= 0
+        Added to the variance before the square root.
+    axis : int, keyword-only
+        The channel axis: 1 for NC, NCL, NCHW, NCDHW; -1 for channels-last.
+    out : numpy.ndarray, optional, keyword-only
+        Where to write the result: C-contiguous, writable, x's shape and dtype.
+        ``out=x`` normalizes in place.
+
+    Returns
+    -------
+    y : numpy.ndarray
+        The normalized input, x's shape and dtype (``out`` if given).
+
+    Raises
+    ------
+    TypeError
+        An argument is not an ndarray, or not of the float dtype it must have.
+    ValueError
+        A shape does not fit, ``axis``, ``eps`` or ``momentum`` is out of range, a
+        running statistic to update is read-only, a training batch has one value per
+        channel, or the running statistics are missing in eval mode.
+    """
+    cdef _Batch batch = _batch(x, axis)
+    cdef cnp.npy_intp channels = batch.shape.channels
+    cdef double eps_value = _eps(eps)
+    cdef double momentum_value = _momentum(momentum)
+    cdef cnp.ndarray weight_array = None if weight is None else _channel_array(weight, "weight", batch.x, channels)
+    cdef cnp.ndarray bias_array = None if bias is None else _channel_array(bias, "bias", batch.x, channels)
+    cdef cnp.ndarray mean_array = None if running_mean is None else _channel_array(running_mean, "running_mean", batch.x, channels)
+    cdef cnp.ndarray var_array = None if running_var is None else _channel_array(running_var, "running_var", batch.x, channels)
+    cdef cnp.ndarray y
+    if not training:
+        if mean_array is None or var_array is None:
+            raise ValueError(
+                "running_mean and running_var are required when training=False "
+                "(eval mode normalizes with them)"
+            )
+        y = _output(batch, out)
+        _eval_kernel(batch, y, mean_array, var_array, weight_array, bias_array, eps_value)
+        return y
+
+    if (mean_array is None) != (var_array is None):
+        raise ValueError("running_mean and running_var must be given together, or both None")
+    for name, array in (("running_mean", mean_array), ("running_var", var_array)):
+        if array is not None and not cnp.PyArray_ISWRITEABLE(array):
+            raise ValueError(f"{name} is read-only, but training updates it in place")
+    _check_training_batch(batch)
+    y = _output(batch, out)
+    mean, var = _train_kernel(batch, y, weight_array, bias_array, eps_value)
+    if mean_array is not None:
+        count = batch.shape.outer * batch.shape.inner
+        kept = 1.0 - momentum_value
+        mean_array[...] = mean_array.astype(np.float64) * kept + mean * momentum_value
+        var_array[...] = (
+            var_array.astype(np.float64) * kept + var * (momentum_value * count / (count - 1))
+        )
+    return y
+
+
+def batch_norm_train(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None):
+    """Training-mode batch normalization that also returns what the backward pass needs.
+
+    Parameters
+    ----------
+    x : numpy.ndarray of float32 or float64, ndim >= 2
+        Input, channel axis ``axis``; more than one value per channel.
+    weight, bias : numpy.ndarray of shape (C,) or None
+        Affine parameters, of x's dtype; None means 1 and 0.
+    eps : float >= 0
+        Added to the variance before the square root.
+    axis : int, keyword-only
+        The channel axis (1 for NCHW, -1 for channels-last).
+    out : numpy.ndarray, optional, keyword-only
+        C-contiguous, writable, x's shape and dtype; ``out=x`` works in place.
+
+    Returns
+    -------
+    y : numpy.ndarray
+        ``weight * (x - mean) * invstd + bias``, x's shape and dtype.
+    mean : numpy.ndarray of shape (C,)
+        Batch mean per channel, x's dtype (accumulated in float64).
+    invstd : numpy.ndarray of shape (C,)
+        ``1 / sqrt(var + eps)`` with the biased batch variance, x's dtype.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`batch_norm`.
+    """
+    cdef _Batch batch = _batch(x, axis)
+    cdef cnp.npy_intp channels = batch.shape.channels
+    cdef double eps_value = _eps(eps)
+    cdef cnp.ndarray weight_array = None if weight is None else _channel_array(weight, "weight", batch.x, channels)
+    cdef cnp.ndarray bias_array = None if bias is None else _channel_array(bias, "bias", batch.x, channels)
+    _check_training_batch(batch)
+    cdef cnp.ndarray y = _output(batch, out)
+    mean, var = _train_kernel(batch, y, weight_array, bias_array, eps_value)
+    dtype = batch.x.dtype
+    return y, mean.astype(dtype), (1.0 / np.sqrt(var + eps_value)).astype(dtype)
+
+
+def batch_norm_backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1):
+    """Gradients of batch normalization with respect to x, weight and bias.
+
+    Parameters
+    ----------
+    grad_out : numpy.ndarray
+        Gradient of the loss with respect to the output; x's shape and dtype.
+    x : numpy.ndarray of float32 or float64, ndim >= 2
+        The forward pass's input.
+    mean, invstd : numpy.ndarray of shape (C,)
+        What :func:`batch_norm_train` returned (training), or the constants the forward
+        pass used in eval mode: ``running_mean`` and ``1 / sqrt(running_var + eps)``.
+        x's dtype.
+    weight : numpy.ndarray of shape (C,) or None
+        The forward pass's weight; None means 1.
+    training : bool, keyword-only
+        True: mean and invstd are batch statistics, functions of x, and their gradient
+        is included. False: they are constants (eval mode).
+    axis : int, keyword-only
+        The channel axis.
+
+    Returns
+    -------
+    grad_x : numpy.ndarray
+        x's shape and dtype, C-contiguous.
+    grad_weight, grad_bias : numpy.ndarray of shape (C,)
+        ``sum(grad_out * (x - mean) * invstd)`` and ``sum(grad_out)`` over all but the
+        channel axis, accumulated in float64; returned even when weight is None.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`batch_norm`; also when grad_out's shape or dtype differs from x's.
+    """
+    cdef _Batch batch = _batch(x, axis)
+    cdef cnp.npy_intp channels = batch.shape.channels
+    cdef cnp.ndarray grad_array = _float_array(grad_out, "grad_out")
+    if cnp.PyArray_TYPE(grad_array) != cnp.PyArray_TYPE(batch.x):
+        raise TypeError(
+            f"grad_out must have the input's dtype {batch.x.dtype.name}, got {grad_array.dtype}"
+        )
+    if _shape(grad_array) != _shape(batch.x):
+        raise ValueError(
+            f"grad_out must have the input's shape {_shape(batch.x)}, got {_shape(grad_array)}"
+        )
+    cdef cnp.ndarray mean_array = _kernel_ready(_channel_array(mean, "mean", batch.x, channels))
+    cdef cnp.ndarray invstd_array = _kernel_ready(_channel_array(invstd, "invstd", batch.x, channels))
+    cdef cnp.ndarray weight_array = None if weight is None else _kernel_ready(_channel_array(weight, "weight", batch.x, channels))
+    cdef bint training_mode = bool(training)
+    if training_mode:
+        _check_training_batch(batch)
+    grad_array = _kernel_ready(grad_array)
+
+    cdef cnp.ndarray x_array = batch.x
+    cdef cnp.ndarray grad_x = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x_array), cnp.PyArray_DIMS(x_array), cnp.PyArray_TYPE(x_array), 0)
+    cdef cnp.ndarray grad_weight = cnp.PyArray_EMPTY(1, &channels, cnp.PyArray_TYPE(x_array), 0)
+    cdef cnp.ndarray grad_bias = cnp.PyArray_EMPTY(1, &channels, cnp.PyArray_TYPE(x_array), 0)
+    cdef const void *dyp = _data(grad_array)
+    cdef const void *xp = _data(x_array)
+    cdef void *dxp = cnp.PyArray_DATA(grad_x)
+    cdef const void *mp = _data(mean_array)
+    cdef const void *sp = _data(invstd_array)
+    cdef const void *wp = _data(weight_array)
+    cdef void *gwp = cnp.PyArray_DATA(grad_weight)
+    cdef void *gbp = cnp.PyArray_DATA(grad_bias)
+    cdef int status
+    with nogil:
+        if batch.single_precision:
+            status = fbn_backward_f32(<const float *>dyp, <const float *>xp, <float *>dxp,
+                                      batch.shape, <const float *>mp, <const float *>sp,
+                                      <const float *>wp, training_mode, <float *>gwp,
+                                      <float *>gbp)
+        else:
+            status = fbn_backward_f64(<const double *>dyp, <const double *>xp, <double *>dxp,
+                                      batch.shape, <const double *>mp, <const double *>sp,
+                                      <const double *>wp, training_mode, <double *>gwp,
+                                      <double *>gbp)
+    _raise_on_failure(status)
+    return grad_x, grad_weight, grad_bias
+
+
+# --------------------------------------------------------------------------- threads
+
+def get_num_threads():
+    """Number of threads fastbn's kernels use for large inputs.
+
+    The value given to :func:`set_num_threads`, otherwise OpenMP's default
+    (``OMP_NUM_THREADS``, or the limit set by ``threadpoolctl``). 1 when fastbn was
+    built without OpenMP, and in a child process forked after OpenMP was used.
+    """
+    return fbn_get_num_threads()
+
+
+def set_num_threads(num_threads):
+    """Set the number of threads for fastbn's kernels, for the whole process.
+
+    Parameters
+    ----------
+    num_threads : int >= 1, or None
+        None returns to OpenMP's default (``OMP_NUM_THREADS``, threadpoolctl).
+    """
+    if num_threads is None:
+        fbn_set_num_threads(0)
+        return
+    if isinstance(num_threads, bool):
+        raise TypeError("num_threads must be an integer or None, got bool")
+    try:
+        value = operator.index(num_threads)
+    except TypeError:
+        raise TypeError(
+            f"num_threads must be an integer or None, got {type(num_threads).__name__}"
+        ) from None
+    if value < 1:
+        raise ValueError(f"num_threads must be >= 1, got {value}")
+    fbn_set_num_threads(min(value, 1 << 16))
+
+
+def openmp_enabled():
+    """True when the kernels were built with OpenMP (see setup.py's FASTBN_OPENMP)."""
+    return bool(fbn_openmp_enabled())
+
+
+def build_info():
+    """What this build and CPU provide: ``{"openmp": bool, "simd": str, "flags": str}``."""
+    return {
+        "openmp": bool(fbn_openmp_enabled()),
+        "simd": fbn_simd_level().decode(),
+        "flags": fbn_build_flags().decode(),
+    }

@@ -1,0 +1,37 @@
+# The C kernels of csrc/fastbn.h, as Cython sees them. Everything here runs without the GIL.
+from libc.stdint cimport int64_t
+
+cdef extern from "fastbn.h" nogil:
+    ctypedef struct fbn_shape:
+        int64_t outer
+        int64_t channels
+        int64_t inner
+
+    enum:
+        FBN_OK
+        FBN_NO_MEMORY
+
+    int fbn_moments_f32(const float *x, fbn_shape shape, double *mean, double *m2)
+    int fbn_moments_f64(const double *x, fbn_shape shape, double *mean, double *m2)
+    int fbn_forward_train_f32(const float *x, float *y, fbn_shape shape, const float *weight,
+                              const float *bias, double eps, double *mean, double *var)
+    int fbn_forward_train_f64(const double *x, double *y, fbn_shape shape, const double *weight,
+                              const double *bias, double eps, double *mean, double *var)
+    int fbn_forward_eval_f32(const float *x, float *y, fbn_shape shape, const float *running_mean,
+                             const float *running_var, const float *weight, const float *bias,
+                             double eps)
+    int fbn_forward_eval_f64(const double *x, double *y, fbn_shape shape,
+                             const double *running_mean, const double *running_var,
+                             const double *weight, const double *bias, double eps)
+    int fbn_backward_f32(const float *grad_out, const float *x, float *grad_x, fbn_shape shape,
+                         const float *mean, const float *invstd, const float *weight, int training,
+                         float *grad_weight, float *grad_bias)
+    int fbn_backward_f64(const double *grad_out, const double *x, double *grad_x, fbn_shape shape,
+                         const double *mean, const double *invstd, const double *weight,
+                         int training, double *grad_weight, double *grad_bias)
+
+    int fbn_openmp_enabled()
+    int fbn_get_num_threads()
+    void fbn_set_num_threads(int num_threads)
+    const char *fbn_simd_level()
+    const char *fbn_build_flags()
