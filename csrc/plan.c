@@ -12,8 +12,10 @@ fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int parallel_onl
     if (parallel_only_by_position || C * M == 0)
         return plan;
 
-    /* Channels are contiguous when inner == 1: a tile then spans whole cache lines. */
-    const int64_t granule = shape.inner == 1 ? (C < 16 ? C : 16) : 1;
+    /* When inner == 1 a tile's rows are strided: each row segment must be long enough
+       (512 bytes of float32) for the prefetchers to stream it, or reading by position,
+       whole rows at a time, is faster. */
+    const int64_t granule = shape.inner == 1 ? (C < 128 ? C : 128) : 1;
     const int64_t channel_bytes = M * (int64_t)bytes_per_value;
     int64_t fit = FBN_L2_BYTES / (channel_bytes > 0 ? channel_bytes : 1);
     fit -= fit % granule;
