@@ -6,6 +6,8 @@
 
 #define T double
 #define FBN_EXPORT(name) name##_f64
+/* square root in T: eval computes its per-channel constants in the element type */
+#define SQRT_T sqrt
 
 #include "kernels/loops.inc"
 #include "kernels/forward.inc"

@@ -1,0 +1,227 @@
+"""Shared fixtures and helpers for fastbn's tests.
+
+- ``--run-slow`` runs the tests marked ``slow`` (skipped otherwise).
+- Hypothesis profiles: "ci" (the default; a few hundred examples over the whole suite) and
+  "thorough", chosen with the HYPOTHESIS_PROFILE environment variable.
+- :class:`Case`: one input layout (dtype x shape x axis x memory order) with a readable id,
+  and :func:`cases` to expand layouts into ``pytest.param`` lists.
+- :func:`assert_close`: elementwise error bound ``factor * eps(dtype) * scale``.
+"""
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+from hypothesis import settings
+
+import fastbn
+
+# ------------------------------------------------------------------------- options
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--run-slow", action="store_true", default=False, help="also run tests marked slow"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+settings.register_profile("ci", max_examples=50, deadline=None, print_blob=True)
+settings.register_profile("thorough", max_examples=2000, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# --------------------------------------------------------------------------- inputs
+
+DTYPES = (np.float32, np.float64)
+
+#: Memory orders of the input. "strided" takes every other element of the last axis of a
+#: twice-as-wide array; "reversed" walks axis 0 backwards (negative stride).
+ORDERS = ("C", "F", "strided", "reversed")
+
+#: (shape, axis) pairs small enough to run serially: odd sizes, C = 1, N = 2, one outer
+#: row, large inner (several L1 chunks), large C (several column blocks), every rank 2-5,
+#: the channel axis first, last and in the middle.
+SMALL_LAYOUTS = (
+    ((5, 3), 1),
+    ((5, 3), 0),
+    ((2, 7), 1),
+    ((2, 1), 1),
+    ((2, 1), -1),
+    ((1, 3, 2), 1),
+    ((3, 4, 5), 1),
+    ((3, 4, 5), -1),
+    ((3, 4, 5), 0),
+    ((4, 1, 3, 3), 1),
+    ((2, 3, 5, 7), 1),
+    ((2, 3, 5, 7), 2),
+    ((2, 3, 5, 7), -1),
+    ((2, 3, 4, 5, 6), 1),
+    ((2, 3, 4, 5, 6), 3),
+    ((2, 3, 4, 5, 6), -1),
+    ((2, 3, 4100), 1),
+    ((2, 3, 4100), -1),
+    ((3, 1100), 1),
+    ((3, 1100), 0),
+)
+
+#: Layouts of >= 64K elements, which the kernels run on several threads (when there are
+#: several), covering both loop families and both ways of splitting work:
+#: inner > 1 by channel, inner > 1 by position (C < threads, and splits inside a run),
+#: inner == 1 ((N, C) and channels-last) by channel, by position, and with more channels
+#: than one column block.
+LARGE_LAYOUTS = (
+    ((32, 64, 8, 8), 1),
+    ((2, 3, 40000), 1),
+    ((3, 2, 30001), 1),
+    ((4096, 256), 1),
+    ((40000, 3), 1),
+    ((300, 600), 1),
+    ((8, 16, 16, 32), -1),
+    ((32, 64, 8, 8), -1),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    dtype: type
+    shape: tuple
+    axis: int
+    order: str
+
+    @property
+    def id(self):
+        shape = ",".join(map(str, self.shape))
+        return f"{np.dtype(self.dtype).name}-({shape})-axis={self.axis}-{self.order}"
+
+    @property
+    def channels(self):
+        return self.shape[self.axis]
+
+    @property
+    def count(self):
+        """Values per channel, M."""
+        return int(np.prod(self.shape)) // self.channels
+
+    @property
+    def eps(self):
+        return float(np.finfo(self.dtype).eps)
+
+    def array(self, rng, *, loc=None, scale=None):
+        """Random input of this case: channel c is roughly N(loc[c], scale[c]**2).
+
+        Channels get different locations and scales so that a channel mix-up shows.
+        """
+        channels = self.channels
+        if loc is None:
+            loc = rng.uniform(-3.0, 3.0, channels)
+        if scale is None:
+            scale = rng.uniform(0.5, 2.0, channels)
+        shape = [1] * len(self.shape)
+        shape[self.axis] = channels
+        values = rng.standard_normal(self.shape) * np.reshape(scale, shape) + np.reshape(
+            loc, shape
+        )
+        return in_order(values.astype(self.dtype), self.order)
+
+    def per_channel(self, rng, low=-2.0, high=2.0):
+        """A random per-channel array of this case's dtype."""
+        return rng.uniform(low, high, self.channels).astype(self.dtype)
+
+
+def in_order(array, order):
+    """A copy of ``array`` (same values) laid out in memory order ``order`` (ORDERS)."""
+    if order == "C":
+        return np.ascontiguousarray(array)
+    if order == "F":
+        return np.asfortranarray(array)
+    if order == "strided":
+        wide = np.zeros(array.shape[:-1] + (2 * array.shape[-1],), dtype=array.dtype)
+        view = wide[..., ::2]
+        view[...] = array
+        return view
+    if order == "reversed":
+        reversed_copy = np.ascontiguousarray(array[::-1])
+        return reversed_copy[::-1]
+    raise ValueError(f"unknown order {order!r}")
+
+
+def cases(layouts, orders=ORDERS, dtypes=DTYPES, marks=()):
+    """``pytest.param(Case)`` for every dtype x (shape, axis) x order, with readable ids."""
+    params = []
+    for dtype in dtypes:
+        for shape, axis in layouts:
+            for order in orders:
+                case = Case(dtype, shape, axis, order)
+                params.append(pytest.param(case, id=case.id, marks=marks))
+    return params
+
+
+#: Every small layout in every order, plus the large layouts C-ordered and Fortran-ordered.
+ALL_CASES = cases(SMALL_LAYOUTS) + cases(LARGE_LAYOUTS, orders=("C", "F"))
+
+
+@pytest.fixture
+def rng():
+    """A seeded generator: every run sees the same data."""
+    return np.random.default_rng(20261122)
+
+
+# ----------------------------------------------------------------------- assertions
+
+
+def assert_close(actual, expected, *, factor, scale=None, what=""):
+    """Assert ``|actual - expected| <= factor * eps(actual.dtype) * scale`` elementwise.
+
+    ``expected`` is a float64 reference. ``scale`` (scalar or broadcastable array) is the
+    magnitude the rounding errors are relative to; by default ``max(1, max|expected|)``,
+    the size of the largest value. The dtype of ``actual`` is checked too.
+    """
+    actual = np.asarray(actual)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    eps = float(np.finfo(actual.dtype).eps)
+    if scale is None:
+        scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
+    bound = factor * eps * np.asarray(scale, dtype=np.float64)
+    error = np.abs(actual.astype(np.float64) - expected)
+    bad = ~(error <= bound)  # NaN counts as a failure
+    if np.any(bad):
+        worst = np.unravel_index(np.argmax(np.where(bad, error, -1.0)), error.shape)
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {error.size} values off by more than "
+            f"{factor} * eps({actual.dtype}) * scale; worst at index {tuple(map(int, worst))}: "
+            f"got {actual[worst]!r}, expected {expected[worst]!r}, "
+            f"error {error[worst]:.3g} > bound {np.broadcast_to(bound, error.shape)[worst]:.3g}"
+        )
+
+
+def snapshot(*arrays):
+    """Copies of the given arrays (None kept), for checking later that nothing changed."""
+    return [None if a is None else np.array(a, copy=True) for a in arrays]
+
+
+def assert_unchanged(before, after, names):
+    for name, old, new in zip(names, before, after, strict=True):
+        if old is None:
+            continue
+        assert new.dtype == old.dtype and new.shape == old.shape, f"{name} changed dtype/shape"
+        assert old.tobytes() == np.ascontiguousarray(new).tobytes(), f"{name} was modified"
+
+
+@pytest.fixture
+def restore_threads():
+    """Puts fastbn's thread setting back as it was after the test."""
+    before = fastbn.get_num_threads()
+    yield
+    fastbn.set_num_threads(None)
+    if fastbn.get_num_threads() != before:
+        fastbn.set_num_threads(before)

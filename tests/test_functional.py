@@ -1,0 +1,544 @@
+"""The functional API against the float64 reference (tests/reference.py).
+
+Every layout of conftest.ALL_CASES (dtype x shape x axis x memory order) is run through
+``batch_norm_train``, ``batch_norm`` in training and eval mode, and ``batch_norm_backward``
+in both modes; test ids name all four. Then the array-handling contract: ``out=``, in-place
+operation, optional affine parameters, untouched and read-only inputs, byte-swapped and
+unaligned input, and channels whose variance is zero.
+
+Tolerances are ``factor * eps(dtype) * scale`` (conftest.assert_close):
+- elementwise outputs (y, grad_x): FORWARD_FACTOR, relative to the largest value: each
+  value is a handful of rounded operations (subtract, multiply, add) on rounded constants;
+- per-channel statistics (mean, invstd, running stats): STATISTIC_FACTOR, elementwise
+  relative: accumulated in float64, then rounded once or twice to the dtype;
+- per-channel sums (grad_weight, grad_bias): SUM_FACTOR, relative to the sum of the
+  absolute values of the terms, the condition of a sum.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastbn
+import reference
+from conftest import (
+    ALL_CASES,
+    DTYPES,
+    Case,
+    assert_close,
+    assert_unchanged,
+    cases,
+    in_order,
+    snapshot,
+)
+
+FORWARD_FACTOR = 8
+STATISTIC_FACTOR = 4
+SUM_FACTOR = 8
+EPS = 1e-5
+MOMENTUM = 0.3
+
+
+def _stat_scale(expected):
+    """Elementwise relative scale for per-channel statistics, floored at 1e-3 of the largest."""
+    magnitude = np.abs(expected)
+    return np.maximum(magnitude, 1e-3 * max(1.0, float(magnitude.max(initial=0.0))))
+
+
+def _running_stats(case, rng):
+    running_mean = case.per_channel(rng)
+    running_var = rng.uniform(0.5, 2.0, case.channels).astype(case.dtype)
+    return running_mean, running_var
+
+
+def _backward_inputs(case, rng):
+    """x, grad_out, weight, and the batch mean/invstd (from the reference, in x's dtype)."""
+    x = case.array(rng)
+    grad_out = in_order(rng.standard_normal(case.shape).astype(case.dtype), case.order)
+    weight = case.per_channel(rng)
+    _, mean, invstd = reference.forward_train(x, eps=EPS, axis=case.axis)
+    return x, grad_out, weight, mean.astype(case.dtype), invstd.astype(case.dtype)
+
+
+def _assert_gradients_match(case, got, expected, grad_out, x, mean, invstd):
+    grad_x, grad_weight, grad_bias = got
+    expected_x, expected_weight, expected_bias = expected
+    for name, value in (("grad_x", grad_x), ("grad_weight", grad_weight), ("grad_bias", grad_bias)):
+        assert value.dtype == case.dtype, f"{name} has dtype {value.dtype}"
+    assert grad_x.flags.c_contiguous
+    assert_close(grad_x, expected_x, factor=FORWARD_FACTOR, what=f"grad_x {case.id}")
+    dy = reference.as_channel_rows(grad_out, case.axis)
+    xhat = (reference.as_channel_rows(x, case.axis) - mean.astype(np.float64)[:, None]) * invstd.astype(np.float64)[:, None]
+    assert_close(
+        grad_weight,
+        expected_weight,
+        factor=SUM_FACTOR,
+        scale=np.maximum(np.abs(dy * xhat).sum(axis=1), 1.0),
+        what=f"grad_weight {case.id}",
+    )
+    assert_close(
+        grad_bias,
+        expected_bias,
+        factor=SUM_FACTOR,
+        scale=np.maximum(np.abs(dy).sum(axis=1), 1.0),
+        what=f"grad_bias {case.id}",
+    )
+
+
+# -------------------------------------------------------------- against the reference
+
+
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_batch_norm_train_matches_reference(case, rng):
+    x = case.array(rng)
+    weight, bias = case.per_channel(rng), case.per_channel(rng)
+
+    y, mean, invstd = fastbn.batch_norm_train(x, weight, bias, eps=EPS, axis=case.axis)
+
+    expected_y, expected_mean, expected_invstd = reference.forward_train(
+        x, weight, bias, eps=EPS, axis=case.axis
+    )
+    assert y.dtype == mean.dtype == invstd.dtype == case.dtype
+    assert y.shape == case.shape and y.flags.c_contiguous
+    assert mean.shape == invstd.shape == (case.channels,)
+    assert_close(y, expected_y, factor=FORWARD_FACTOR, what=f"y {case.id}")
+    assert_close(
+        mean,
+        expected_mean,
+        factor=STATISTIC_FACTOR,
+        scale=np.maximum(np.abs(expected_mean), 1.0),
+        what=f"mean {case.id}",
+    )
+    assert_close(
+        invstd, expected_invstd, factor=STATISTIC_FACTOR, scale=expected_invstd, what=f"invstd {case.id}"
+    )
+
+
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_batch_norm_training_matches_reference_and_updates_running_stats(case, rng):
+    x = case.array(rng)
+    weight, bias = case.per_channel(rng), case.per_channel(rng)
+    running_mean, running_var = _running_stats(case, rng)
+    old_mean, old_var = running_mean.copy(), running_var.copy()
+
+    y = fastbn.batch_norm(
+        x, running_mean, running_var, weight, bias, training=True, momentum=MOMENTUM,
+        eps=EPS, axis=case.axis,
+    )
+
+    expected_y, _, _ = reference.forward_train(x, weight, bias, eps=EPS, axis=case.axis)
+    expected_mean, expected_var = reference.updated_running_stats(
+        x, old_mean, old_var, momentum=MOMENTUM, axis=case.axis
+    )
+    assert y.dtype == case.dtype and y.shape == case.shape
+    assert_close(y, expected_y, factor=FORWARD_FACTOR, what=f"y {case.id}")
+    assert running_mean.dtype == running_var.dtype == case.dtype
+    assert_close(
+        running_mean,
+        expected_mean,
+        factor=STATISTIC_FACTOR,
+        scale=np.maximum(np.abs(expected_mean), 1.0),
+        what=f"running_mean {case.id}",
+    )
+    assert_close(
+        running_var, expected_var, factor=STATISTIC_FACTOR, scale=expected_var,
+        what=f"running_var {case.id}",
+    )
+
+
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_batch_norm_eval_matches_reference(case, rng):
+    x = case.array(rng)
+    weight, bias = case.per_channel(rng), case.per_channel(rng)
+    running_mean, running_var = _running_stats(case, rng)
+    before = snapshot(running_mean, running_var)
+
+    y = fastbn.batch_norm(
+        x, running_mean, running_var, weight, bias, training=False, eps=EPS, axis=case.axis
+    )
+
+    expected = reference.forward_eval(
+        x, running_mean, running_var, weight, bias, eps=EPS, axis=case.axis
+    )
+    assert y.dtype == case.dtype and y.flags.c_contiguous
+    assert_close(y, expected, factor=FORWARD_FACTOR, what=f"y {case.id}")
+    assert_unchanged(before, [running_mean, running_var], ["running_mean", "running_var"])
+
+
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_backward_training_matches_reference(case, rng):
+    x, grad_out, weight, mean, invstd = _backward_inputs(case, rng)
+
+    got = fastbn.batch_norm_backward(grad_out, x, mean, invstd, weight, training=True, axis=case.axis)
+
+    expected = reference.backward_train(grad_out, x, mean, invstd, weight, axis=case.axis)
+    _assert_gradients_match(case, got, expected, grad_out, x, mean, invstd)
+
+
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_backward_eval_matches_reference(case, rng):
+    x, grad_out, weight, _, _ = _backward_inputs(case, rng)
+    running_mean, running_var = _running_stats(case, rng)
+    invstd = (1.0 / np.sqrt(running_var.astype(np.float64) + EPS)).astype(case.dtype)
+
+    got = fastbn.batch_norm_backward(
+        grad_out, x, running_mean, invstd, weight, training=False, axis=case.axis
+    )
+
+    expected = reference.backward_eval(grad_out, x, running_mean, invstd, weight, axis=case.axis)
+    _assert_gradients_match(case, got, expected, grad_out, x, running_mean, invstd)
+
+
+@st.composite
+def _random_cases(draw):
+    ndim = draw(st.integers(2, 5))
+    shape = tuple(draw(st.lists(st.integers(1, 6), min_size=ndim, max_size=ndim)))
+    axis = draw(st.integers(-ndim, ndim - 1))
+    if np.prod(shape) // shape[axis] < 2:  # training needs two values per channel
+        shape = (shape[0] + 1,) + shape[1:] if axis not in (0, -ndim) else shape[:-1] + (2,)
+    dtype = draw(st.sampled_from(DTYPES))
+    order = draw(st.sampled_from(("C", "F", "strided", "reversed")))
+    return Case(dtype, shape, axis, order)
+
+
+@given(case=_random_cases(), seed=st.integers(0, 2**32 - 1), affine=st.booleans())
+def test_random_layouts_match_reference(case, seed, affine):
+    """Any rank, any axis, any small size: training forward and both backward passes."""
+    rng = np.random.default_rng(seed)
+    x = case.array(rng)
+    weight = case.per_channel(rng) if affine else None
+    bias = case.per_channel(rng) if affine else None
+
+    y, mean, invstd = fastbn.batch_norm_train(x, weight, bias, eps=EPS, axis=case.axis)
+    expected_y, expected_mean, expected_invstd = reference.forward_train(
+        x, weight, bias, eps=EPS, axis=case.axis
+    )
+    assert_close(y, expected_y, factor=FORWARD_FACTOR, what=f"y {case.id}")
+    assert_close(mean, expected_mean, factor=STATISTIC_FACTOR, scale=np.maximum(np.abs(expected_mean), 1.0), what=f"mean {case.id}")
+    assert_close(invstd, expected_invstd, factor=STATISTIC_FACTOR, scale=expected_invstd, what=f"invstd {case.id}")
+
+    grad_out = in_order(rng.standard_normal(case.shape).astype(case.dtype), case.order)
+    for training, backward in ((True, reference.backward_train), (False, reference.backward_eval)):
+        got = fastbn.batch_norm_backward(
+            grad_out, x, mean, invstd, weight, training=training, axis=case.axis
+        )
+        expected = backward(grad_out, x, mean, invstd, weight, axis=case.axis)
+        _assert_gradients_match(case, got, expected, grad_out, x, mean, invstd)
+
+
+# ------------------------------------------------------------- parameters and modes
+
+SOME_CASES = cases((((3, 4, 5), 1), ((6, 5), 1), ((2, 3, 4, 5), -1)), orders=("C",))
+
+
+@pytest.mark.parametrize("case", SOME_CASES)
+@pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "no-weight"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_weight_and_bias_are_optional(case, with_weight, with_bias, rng):
+    """None means weight 1 and bias 0, in every function."""
+    x = case.array(rng)
+    weight = case.per_channel(rng) if with_weight else None
+    bias = case.per_channel(rng) if with_bias else None
+    running_mean, running_var = _running_stats(case, rng)
+    axis = case.axis
+
+    y, mean, invstd = fastbn.batch_norm_train(x, weight, bias, axis=axis)
+    assert_close(y, reference.forward_train(x, weight, bias, axis=axis)[0], factor=FORWARD_FACTOR, what="train")
+    y = fastbn.batch_norm(x, running_mean, running_var, weight, bias, axis=axis)
+    assert_close(
+        y,
+        reference.forward_eval(x, running_mean, running_var, weight, bias, axis=axis),
+        factor=FORWARD_FACTOR,
+        what="eval",
+    )
+    grad_out = rng.standard_normal(case.shape).astype(case.dtype)
+    for training, backward in ((True, reference.backward_train), (False, reference.backward_eval)):
+        got = fastbn.batch_norm_backward(grad_out, x, mean, invstd, weight, training=training, axis=axis)
+        expected = backward(grad_out, x, mean, invstd, weight, axis=axis)
+        _assert_gradients_match(case, got, expected, grad_out, x, mean, invstd)
+
+
+@pytest.mark.parametrize("case", SOME_CASES)
+def test_training_without_running_stats(case, rng):
+    """training=True with running_mean = running_var = None just normalizes."""
+    x = case.array(rng)
+    y = fastbn.batch_norm(x, None, None, training=True, axis=case.axis)
+    assert_close(y, reference.forward_train(x, axis=case.axis)[0], factor=FORWARD_FACTOR, what="y")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("momentum", [0.0, 1.0, 0.5])
+def test_momentum_limits(dtype, momentum, rng):
+    """momentum=0 keeps the running stats; momentum=1 replaces them by the batch's."""
+    case = Case(dtype, (7, 3, 2), 1, "C")
+    x = case.array(rng)
+    running_mean, running_var = _running_stats(case, rng)
+    old_mean, old_var = running_mean.copy(), running_var.copy()
+
+    fastbn.batch_norm(x, running_mean, running_var, training=True, momentum=momentum)
+
+    mean, var, count = reference.batch_moments(x)
+    if momentum == 0.0:
+        np.testing.assert_array_equal(running_mean, old_mean)
+        np.testing.assert_array_equal(running_var, old_var)
+    if momentum == 1.0:
+        assert_close(running_mean, mean, factor=STATISTIC_FACTOR, scale=np.maximum(np.abs(mean), 1), what="mean")
+        assert_close(running_var, var * count / (count - 1), factor=STATISTIC_FACTOR, scale=var, what="var")
+    expected_mean, expected_var = reference.updated_running_stats(x, old_mean, old_var, momentum)
+    assert_close(running_mean, expected_mean, factor=STATISTIC_FACTOR, what="running_mean")
+    assert_close(running_var, expected_var, factor=STATISTIC_FACTOR, what="running_var")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_eval_and_eval_backward_accept_one_value_per_channel(dtype, rng):
+    """Only training needs more than one value per channel."""
+    case = Case(dtype, (1, 4), 1, "C")
+    x = case.array(rng)
+    running_mean, running_var = _running_stats(case, rng)
+    y = fastbn.batch_norm(x, running_mean, running_var, training=False)
+    assert_close(y, reference.forward_eval(x, running_mean, running_var), factor=FORWARD_FACTOR, what="y")
+    invstd = (1 / np.sqrt(running_var + EPS)).astype(dtype)
+    grad_out = rng.standard_normal(x.shape).astype(dtype)
+    got = fastbn.batch_norm_backward(grad_out, x, running_mean, invstd, training=False)
+    expected = reference.backward_eval(grad_out, x, running_mean, invstd)
+    _assert_gradients_match(case, got, expected, grad_out, x, running_mean, invstd)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", [((6, 3, 5), 1), ((9, 4), 1), ((2, 4, 4100), 1)], ids=str)
+def test_constant_channels_give_bias(dtype, layout, rng):
+    """A channel of equal values has variance 0: its output is exactly finite and equal to bias."""
+    shape, axis = layout
+    case = Case(dtype, shape, axis, "C")
+    x = case.array(rng)
+    constant_channels = [0, 2]  # the others stay random
+    for c, value in zip(constant_channels, (0.1, -7.3)):
+        x[:, c] = value
+    weight, bias = case.per_channel(rng), case.per_channel(rng)
+
+    y, mean, invstd = fastbn.batch_norm_train(x, weight, bias, eps=EPS)
+    y_running = fastbn.batch_norm(
+        x, np.zeros(case.channels, dtype), np.ones(case.channels, dtype), weight, bias, training=True
+    )
+
+    for output in (y, y_running):
+        assert np.all(np.isfinite(output))
+        for c in constant_channels:
+            assert_close(
+                output[:, c], np.full(output[:, c].shape, bias[c], dtype=np.float64),
+                factor=1, what=f"channel {c}",
+            )
+    assert_close(
+        invstd[constant_channels], np.full(len(constant_channels), 1 / np.sqrt(EPS)),
+        factor=STATISTIC_FACTOR, scale=1 / np.sqrt(EPS), what="invstd",
+    )
+
+
+# ------------------------------------------------------------------------- out=
+
+
+def _call_forward(function, x, case, rng, out):
+    """Runs one forward function with ``out``; returns (result, reference result)."""
+    weight, bias = case.per_channel(rng), case.per_channel(rng)
+    original = x.copy()
+    if function == "batch_norm_train":
+        y, _, _ = fastbn.batch_norm_train(x, weight, bias, axis=case.axis, out=out)
+        return y, reference.forward_train(original, weight, bias, axis=case.axis)[0]
+    running_mean, running_var = _running_stats(case, rng)
+    if function == "batch_norm(training=True)":
+        old = running_mean.copy(), running_var.copy()
+        y = fastbn.batch_norm(x, running_mean, running_var, weight, bias, training=True,
+                              momentum=MOMENTUM, axis=case.axis, out=out)
+        expected_mean, expected_var = reference.updated_running_stats(original, *old, MOMENTUM, case.axis)
+        assert_close(running_mean, expected_mean, factor=STATISTIC_FACTOR, what="running_mean")
+        assert_close(running_var, expected_var, factor=STATISTIC_FACTOR, what="running_var")
+        return y, reference.forward_train(original, weight, bias, axis=case.axis)[0]
+    y = fastbn.batch_norm(x, running_mean, running_var, weight, bias, training=False,
+                          axis=case.axis, out=out)
+    return y, reference.forward_eval(original, running_mean, running_var, weight, bias, axis=case.axis)
+
+
+FORWARD_FUNCTIONS = ["batch_norm_train", "batch_norm(training=True)", "batch_norm(training=False)"]
+OUT_CASES = cases((((3, 4, 5), 1), ((5, 7), 1), ((32, 64, 8, 8), 1), ((4096, 256), 1)), orders=("C",))
+
+
+@pytest.mark.parametrize("case", OUT_CASES)
+@pytest.mark.parametrize("function", FORWARD_FUNCTIONS)
+def test_out_receives_the_result(function, case, rng):
+    x = case.array(rng)
+    out = np.full(case.shape, np.nan, dtype=case.dtype)
+    y, expected = _call_forward(function, x, case, rng, out)
+    assert y is out
+    assert_close(out, expected, factor=FORWARD_FACTOR, what=case.id)
+
+
+@pytest.mark.parametrize("case", OUT_CASES)
+@pytest.mark.parametrize("function", FORWARD_FUNCTIONS)
+def test_out_may_be_x(function, case, rng):
+    """out=x normalizes in place, with statistics of the input before it was overwritten."""
+    x = case.array(rng)
+    y, expected = _call_forward(function, x, case, rng, x)
+    assert y is x
+    assert_close(x, expected, factor=FORWARD_FACTOR, what=case.id)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("function", FORWARD_FUNCTIONS)
+def test_out_overlapping_x_gives_the_result_for_the_original_x(function, dtype, rng):
+    """out shifted by one element against x in the same buffer: x is read before it is written."""
+    case = Case(dtype, (6, 5, 3), 1, "C")
+    buffer = case.array(rng).reshape(-1)
+    buffer = np.concatenate([buffer, buffer[:1]])
+    x = buffer[:-1].reshape(case.shape)
+    out = buffer[1:].reshape(case.shape)
+    y, expected = _call_forward(function, x, case, rng, out)
+    assert y is out
+    assert_close(out, expected, factor=FORWARD_FACTOR, what=case.id)
+
+
+# ----------------------------------------------------------- what inputs may be
+
+
+def _check_everything(case, x, weight, bias, running_mean, running_var, grad_out):
+    """Calls every function (running stats in eval mode only) and checks it against the reference."""
+    axis = case.axis
+    y, mean, invstd = fastbn.batch_norm_train(x, weight, bias, axis=axis)
+    expected_y, expected_mean, expected_invstd = reference.forward_train(x, weight, bias, axis=axis)
+    for name, value in (("y", y), ("mean", mean), ("invstd", invstd)):
+        assert value.dtype == np.dtype(case.dtype), f"{name}: {value.dtype}"
+    assert_close(y, expected_y, factor=FORWARD_FACTOR, what=f"train y {case.id}")
+    assert_close(mean, expected_mean, factor=STATISTIC_FACTOR, scale=np.maximum(np.abs(expected_mean), 1.0), what=f"mean {case.id}")
+    assert_close(invstd, expected_invstd, factor=STATISTIC_FACTOR, scale=expected_invstd, what=f"invstd {case.id}")
+
+    y = fastbn.batch_norm(x, None, None, weight, bias, training=True, axis=axis)
+    assert_close(y, expected_y, factor=FORWARD_FACTOR, what=f"training y {case.id}")
+    y = fastbn.batch_norm(x, running_mean, running_var, weight, bias, axis=axis)
+    expected_y = reference.forward_eval(x, running_mean, running_var, weight, bias, axis=axis)
+    assert y.dtype == np.dtype(case.dtype)
+    assert_close(y, expected_y, factor=FORWARD_FACTOR, what=f"eval y {case.id}")
+
+    for training, backward in ((True, reference.backward_train), (False, reference.backward_eval)):
+        got = fastbn.batch_norm_backward(grad_out, x, mean, invstd, weight, training=training, axis=axis)
+        expected = backward(grad_out, x, mean, invstd, weight, axis=axis)
+        _assert_gradients_match(case, got, expected, grad_out, x, mean, invstd)
+
+
+@pytest.mark.parametrize("case", cases((((4, 3, 5), 1), ((7, 3), 1), ((2, 3, 4, 5), -1)), orders=("C", "F", "strided", "reversed")))
+def test_inputs_are_not_modified(case, rng):
+    x = case.array(rng)
+    weight, bias = case.per_channel(rng), case.per_channel(rng)
+    running_mean, running_var = _running_stats(case, rng)
+    grad_out = in_order(rng.standard_normal(case.shape).astype(case.dtype), case.order)
+    arrays = [x, weight, bias, running_mean, running_var, grad_out]
+    names = ["x", "weight", "bias", "running_mean", "running_var", "grad_out"]
+    before = snapshot(*arrays)
+
+    _, mean, invstd = fastbn.batch_norm_train(x, weight, bias, axis=case.axis)
+    stats_before = snapshot(mean, invstd)
+    fastbn.batch_norm(x, running_mean, running_var, weight, bias, training=False, axis=case.axis)
+    fastbn.batch_norm(x, None, None, weight, bias, training=True, axis=case.axis)
+    for training in (True, False):
+        fastbn.batch_norm_backward(grad_out, x, mean, invstd, weight, training=training, axis=case.axis)
+
+    assert_unchanged(before, arrays, names)
+    assert_unchanged(stats_before, [mean, invstd], ["mean", "invstd"])
+
+
+def _make_read_only(*arrays):
+    for array in arrays:
+        array.flags.writeable = False
+
+
+@pytest.mark.parametrize("case", cases((((4, 3, 5), 1), ((7, 3), 1), ((32, 64, 8, 8), 1)), orders=("C", "F")))
+def test_read_only_inputs_are_accepted(case, rng):
+    """x, weight, bias, grad_out, mean, invstd, and running stats in eval, may be read-only."""
+    x = case.array(rng)
+    weight, bias = case.per_channel(rng), case.per_channel(rng)
+    running_mean, running_var = _running_stats(case, rng)
+    grad_out = rng.standard_normal(case.shape).astype(case.dtype)
+    _make_read_only(x, weight, bias, running_mean, running_var, grad_out)
+    _check_everything(case, x, weight, bias, running_mean, running_var, grad_out)
+
+
+def _byte_swapped(array):
+    swapped = array.astype(array.dtype.newbyteorder("S"))
+    assert not swapped.dtype.isnative
+    return swapped
+
+
+def _unaligned(array):
+    """A copy of ``array`` at an odd byte offset, in the same memory order (C or F)."""
+    order = "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
+    raw = np.zeros(array.nbytes + 1, dtype=np.uint8)
+    view = raw[1:].view(array.dtype).reshape(array.shape, order=order)
+    view[...] = array
+    assert not view.flags.aligned
+    return view
+
+
+@pytest.mark.parametrize("case", cases((((4, 3, 5), 1), ((9, 3), 1), ((2, 3, 4100), 1), ((8, 16, 16, 32), -1)), orders=("C", "F")))
+@pytest.mark.parametrize("transform", [_byte_swapped, _unaligned], ids=["byte-swapped", "unaligned"])
+def test_byte_swapped_and_unaligned_inputs(case, transform, rng):
+    """Every array argument byte-swapped (or at an odd address) gives the native answer."""
+    x = case.array(rng)
+    weight, bias = case.per_channel(rng), case.per_channel(rng)
+    running_mean, running_var = _running_stats(case, rng)
+    grad_out = rng.standard_normal(case.shape).astype(case.dtype)
+    x, weight, bias, running_mean, running_var, grad_out = (
+        transform(np.asarray(a)) for a in (x, weight, bias, running_mean, running_var, grad_out)
+    )
+    _check_everything(case, x, weight, bias, running_mean, running_var, grad_out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transform", [_byte_swapped, _unaligned], ids=["byte-swapped", "unaligned"])
+def test_byte_swapped_and_unaligned_running_stats_are_updated(dtype, transform, rng):
+    case = Case(dtype, (6, 3, 4), 1, "C")
+    x = case.array(rng)
+    native_mean, native_var = _running_stats(case, rng)
+    running_mean, running_var = transform(native_mean), transform(native_var)
+    fastbn.batch_norm(x, running_mean, running_var, training=True, momentum=MOMENTUM)
+    expected_mean, expected_var = reference.updated_running_stats(x, native_mean, native_var, MOMENTUM)
+    assert running_mean.dtype == native_mean.dtype.newbyteorder("S") or transform is _unaligned
+    assert_close(running_mean, expected_mean, factor=STATISTIC_FACTOR, what="running_mean")
+    assert_close(running_var, expected_var, factor=STATISTIC_FACTOR, what="running_var")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_per_channel_arrays(dtype, rng):
+    """weight, bias, running stats, mean and invstd that are views with a step are read right
+    (and running stats written right)."""
+    case = Case(dtype, (5, 4, 3), 1, "C")
+    x = case.array(rng)
+
+    def strided(values):
+        wide = np.zeros(2 * len(values), dtype=dtype)
+        wide[::2] = values
+        return wide[::2]
+
+    weight, bias = strided(case.per_channel(rng)), strided(case.per_channel(rng))
+    running_mean, running_var = (strided(a) for a in _running_stats(case, rng))
+    grad_out = rng.standard_normal(case.shape).astype(dtype)
+    _check_everything(case, x, weight, bias, running_mean, running_var, grad_out)
+
+    old = running_mean.copy(), running_var.copy()
+    fastbn.batch_norm(x, running_mean, running_var, weight, bias, training=True, momentum=MOMENTUM)
+    expected_mean, expected_var = reference.updated_running_stats(x, *old, MOMENTUM)
+    assert_close(running_mean, expected_mean, factor=STATISTIC_FACTOR, what="running_mean")
+    assert_close(running_var, expected_var, factor=STATISTIC_FACTOR, what="running_var")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", cases((((64, 128, 32, 32), 1), ((64, 32, 32, 128), -1), ((262144, 16), 1)), orders=("C",)))
+def test_very_large_inputs_match_reference(case, rng):
+    x = case.array(rng)
+    weight, bias = case.per_channel(rng), case.per_channel(rng)
+    y, mean, invstd = fastbn.batch_norm_train(x, weight, bias, axis=case.axis)
+    expected_y, expected_mean, expected_invstd = reference.forward_train(x, weight, bias, axis=case.axis)
+    assert_close(y, expected_y, factor=FORWARD_FACTOR, what="y")
+    assert_close(invstd, expected_invstd, factor=STATISTIC_FACTOR, scale=expected_invstd, what="invstd")
+    grad_out = rng.standard_normal(case.shape).astype(case.dtype)
+    got = fastbn.batch_norm_backward(grad_out, x, mean, invstd, weight, axis=case.axis)
+    expected = reference.backward_train(grad_out, x, mean, invstd, weight, axis=case.axis)
+    _assert_gradients_match(case, got, expected, grad_out, x, mean, invstd)
