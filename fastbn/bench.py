@@ -352,7 +352,7 @@ def contenders(case, op, inputs, threads, torch=None, copy_pool=None, layer=None
 
     Names: ``fastbn`` (``layer`` for eval if given), ``torch`` (when ``torch`` is given),
     ``torch F`` (single-example eval: ``torch.nn.functional.batch_norm``), ``numpy``,
-    ``copyto`` and ``threaded copy`` (when ``threads`` > 1 and ``copy_pool`` is given). Torch
+    ``copyto`` and ``threaded-copy`` (when ``threads`` > 1 and ``copy_pool`` is given). Torch
     calls must run under ``torch.no_grad()``.
     """
     x, axis = inputs.x, case.axis
@@ -373,7 +373,7 @@ def contenders(case, op, inputs, threads, torch=None, copy_pool=None, layer=None
     target = np.empty_like(x)
     calls["copyto"] = lambda: np.copyto(target, x)
     if threads > 1 and copy_pool is not None:
-        calls["threaded copy"] = ThreadedCopy(target, x, threads, copy_pool)
+        calls["threaded-copy"] = ThreadedCopy(target, x, threads, copy_pool)
     return calls
 
 
@@ -503,7 +503,7 @@ class Result:
 
     @property
     def copy(self):
-        return min(self.medians[name] for name in ("copyto", "threaded copy") if name in self.medians)
+        return min(self.medians[name] for name in ("copyto", "threaded-copy") if name in self.medians)
 
 
 @dataclass
@@ -524,10 +524,11 @@ class Report:
     torch_version: str = None
     torch_note: str = None
     started: datetime.datetime = None
+    load_average: float = None  # over the minute before the run, where the OS tells
     seconds: float = 0.0
 
 
-def _import_torch():
+def import_torch():
     """torch, or (None, why not)."""
     try:
         import torch
@@ -548,9 +549,11 @@ def run(cases, *, ops=OPS, threads=None, use_torch=True, rounds=None, budget_s=8
     initial_threads = fastbn.get_num_threads()
     threads = list(threads or [initial_threads])
     report = Report(threads=tuple(threads), started=datetime.datetime.now().astimezone())
+    with contextlib.suppress(AttributeError, OSError):  # no getloadavg on Windows
+        report.load_average = os.getloadavg()[0]
     torch = None
     if use_torch:
-        torch, report.torch_note = _import_torch()
+        torch, report.torch_note = import_torch()
     else:
         report.torch_note = "not run (--no-torch)"
     if torch is not None:
@@ -656,10 +659,12 @@ def header(report):
     """One line: machine, date, library versions, thread counts."""
     torch_part = f"torch {report.torch_version}" if report.torch_version else f"torch {report.torch_note}"
     threads = ", ".join(map(str, report.threads))
+    load = f" (load average {report.load_average:.2f})" if report.load_average is not None else ""
     return (
         f"fastbn {fastbn.__version__} ({fastbn.build_info()['simd']}) on {machine_description()}"
-        f" · {report.started:%Y-%m-%d %H:%M %Z} · Python {platform.python_version()}"
-        f" · numpy {np.__version__} · {torch_part} · {threads} thread(s)"
+        f"{load} · {report.started:%Y-%m-%d %H:%M %Z} · Python {platform.python_version()}"
+        f" · numpy {np.__version__} · {torch_part}"
+        f" · {threads} thread{'s' if report.threads != (1,) else ''}"
     )
 
 
