@@ -246,6 +246,12 @@ class BatchNorm:
                                         out=out)
                         self._context = x if out is None else _context_unless_overwritten(x, out)
                         return y
+                    if out is None:  # one example, as a 1-D array
+                        y = _batch_norm(x[np.newaxis], running_mean, self.running_var,
+                                        self.weight, self.bias, False, 0.1, self.eps,
+                                        axis=self.axis)
+                        self._context = x
+                        return y[0]
                 except (AttributeError, TypeError, ValueError):
                     pass
         return self._forward(x, out)
@@ -382,6 +388,11 @@ class BatchNorm:
                     f"{name} must be a writable array of shape ({self.num_features},) and "
                     f"dtype {self.dtype}, as training updates it in place"
                 )
+        tracked = self.num_batches_tracked
+        if (not isinstance(tracked, np.ndarray) or tracked.shape != () or tracked.dtype.kind != "i"
+                or not tracked.flags.writeable):
+            raise ValueError("num_batches_tracked must be a writable int64 array of shape (), "
+                             "as training updates it in place")
 
     # --------------------------------------------------------------- backward
 
