@@ -476,3 +476,28 @@ def build_info():
         "simd": fbn_simd_level().decode(),
         "flags": fbn_build_flags().decode(),
     }
+
+
+# ----------------------------------------------------------------------- test hooks
+
+def _contiguous_runs(outer, channels, inner, channel, begin, end):
+    """The (offset, length) runs the kernels visit for ``channel`` over positions
+    [begin, end) of an (outer, channels, inner) array. For tests of the 64-bit index
+    arithmetic on shapes too large to allocate."""
+    cdef fbn_shape shape
+    shape.outer, shape.channels, shape.inner = outer, channels, inner
+    cdef int64_t m = begin, at, n
+    runs = []
+    while fbn_next_run(shape, channel, &m, end, &at, &n):
+        runs.append((at, n))
+    return runs
+
+
+def _split(n, nparts):
+    """The [begin, end) slices of range(n) that the kernels give to nparts threads."""
+    cdef int64_t begin, end
+    slices = []
+    for part in range(nparts):
+        fbn_split(n, part, nparts, &begin, &end)
+        slices.append((begin, end))
+    return slices

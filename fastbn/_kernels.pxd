@@ -35,3 +35,13 @@ cdef extern from "fastbn.h" nogil:
     void fbn_set_num_threads(int num_threads)
     const char *fbn_simd_level()
     const char *fbn_build_flags()
+
+
+# Internal helpers, exposed to the tests of the 64-bit index arithmetic.
+cdef extern from "common.h" nogil:
+    ctypedef struct fbn_tile:
+        int64_t c0, c1, m0, m1
+
+    int fbn_next_run(fbn_shape shape, int64_t c, int64_t *m, int64_t m1, int64_t *at,
+                     int64_t *n)
+    void fbn_split(int64_t n, int part, int nparts, int64_t *begin, int64_t *end)
