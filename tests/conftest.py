@@ -10,6 +10,7 @@
 
 import dataclasses
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -34,6 +35,17 @@ def pytest_collection_modifyitems(config, items):
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
 
+
+# When a Hypothesis test fails, its pytest plugin imports libcst to write the failing example
+# as a patch. Old libcst releases warn on import (mypy_extensions.TypedDict), and with
+# warnings as errors that turns the failure report into an INTERNALERROR that hides it.
+# Import libcst up front, if it is installed, with that warning silenced.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    try:
+        import libcst  # noqa: F401
+    except ImportError:
+        pass
 
 settings.register_profile("ci", max_examples=50, deadline=None, print_blob=True)
 settings.register_profile("thorough", max_examples=2000, deadline=None, print_blob=True)

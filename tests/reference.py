@@ -55,10 +55,15 @@ def _column(per_channel):
 
 
 def batch_moments(x, axis=1):
-    """Per-channel batch mean and biased variance, two-pass in float64: (mean, var, M)."""
+    """Per-channel batch mean and biased variance, two-pass in float64: (mean, var, M).
+
+    The mean gets one step of refinement (the mean of the residuals, as in the corrected
+    two-pass algorithm of Chan, Golub and LeVeque), which leaves it within about an ulp.
+    """
     rows = as_channel_rows(x, axis)
     count = rows.shape[1]
     mean = rows.sum(axis=1) / count
+    mean += (rows - _column(mean)).sum(axis=1) / count
     var = ((rows - _column(mean)) ** 2).sum(axis=1) / count
     return mean, var, count
 
