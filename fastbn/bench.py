@@ -297,13 +297,10 @@ class ThreadedCopy:
 def _fastbn_layer(case, inputs):
     """An eval-mode ``fastbn.BatchNorm`` for a single-example case, or None if unavailable."""
     layer_class = getattr(fastbn, "BatchNorm", None)
-    if layer_class is None or case.axis % len(case.shape) != 1:
+    if layer_class is None:
         return None
     try:
-        if case.dtype == "float32":
-            layer = layer_class(case.channels)
-        else:
-            layer = layer_class(case.channels, dtype=np.dtype(case.dtype))
+        layer = layer_class(case.channels, axis=case.axis, dtype=np.dtype(case.dtype))
         layer.eval()
         layer(inputs.x)
     except Exception:  # a layer this module cannot drive: time the functional API instead
@@ -524,12 +521,13 @@ class Report:
     torch_version: str = None
     torch_note: str = None
     started: datetime.datetime = None
-    load_average: float = None  # over the minute before the run, where the OS tells
+    load_before: float = None  # cores other processes kept busy just before the run (Linux)
+    load_after: float = None  # and just after it
     seconds: float = 0.0
 
 
 def import_torch():
-    """torch, or (None, why not)."""
+    """``(torch, None)``, or ``(None, why not)`` when torch cannot be imported."""
     try:
         import torch
     except Exception as error:  # ImportError, or a broken install: run without it
@@ -549,8 +547,8 @@ def run(cases, *, ops=OPS, threads=None, use_torch=True, rounds=None, budget_s=8
     initial_threads = fastbn.get_num_threads()
     threads = list(threads or [initial_threads])
     report = Report(threads=tuple(threads), started=datetime.datetime.now().astimezone())
-    with contextlib.suppress(AttributeError, OSError):  # no getloadavg on Windows
-        report.load_average = os.getloadavg()[0]
+    probe_s = 0.1 if quick else 0.5
+    report.load_before = background_load(probe_s)
     torch = None
     if use_torch:
         torch, report.torch_note = import_torch()
@@ -609,14 +607,24 @@ def run(cases, *, ops=OPS, threads=None, use_torch=True, rounds=None, budget_s=8
     finally:
         for pool in pools.values():
             pool.shutdown()
-        fastbn.set_num_threads(initial_threads)
+        fastbn.set_num_threads(None)  # back to OpenMP's default, unless it was set otherwise
+        if fastbn.get_num_threads() != initial_threads:
+            fastbn.set_num_threads(initial_threads)
         if torch is not None:
             torch.set_num_threads(initial_torch_threads)
+    report.load_after = background_load(probe_s)
     report.seconds = time.perf_counter() - started
     return report
 
 
 # ------------------------------------------------------------------------- output
+
+
+def _cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def machine_description():
@@ -631,11 +639,52 @@ def machine_description():
     except OSError:
         pass
     model = model or platform.processor() or platform.machine() or "unknown CPU"
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count()
+    cores = _cores()
     return f"{model}, {cores} core{'s' if cores != 1 else ''}"
+
+
+def background_load(seconds):
+    """How many cores other processes keep busy, measured while this one sleeps.
+
+    From the idle time in /proc/stat over ``seconds``; None where there is no /proc/stat.
+    """
+
+    def idle_and_total():
+        with open("/proc/stat") as stat:
+            ticks = [int(value) for value in stat.readline().split()[1:9]]
+        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait; guest time is inside user
+
+    try:
+        idle_start, total_start = idle_and_total()
+        time.sleep(seconds)
+        idle_end, total_end = idle_and_total()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total_end <= total_start:
+        return None
+    busy = 1 - (idle_end - idle_start) / (total_end - total_start)
+    return max(busy, 0.0) * (os.cpu_count() or 1)
+
+
+#: Other processes busier than this (in cores) make the run's numbers suspect.
+BUSY_CORES = 0.25
+
+
+def busy_warning(report):
+    """A warning when other processes kept the cores busy around the run, else None.
+
+    Every thread of an OpenMP team must run to pass a barrier, so with the cores
+    oversubscribed a multi-threaded call can wait a scheduler time slice (milliseconds) per
+    parallel region. Medians do not remove load that lasts the whole run.
+    """
+    loads = [load for load in (report.load_before, report.load_after) if load is not None]
+    if not loads or max(loads) < BUSY_CORES:
+        return None
+    return (
+        f"Warning: other processes kept {max(loads):.1f} of {os.cpu_count()} cores busy around "
+        "this run. Multi-threaded timings suffer most; rerun on an idle machine for numbers "
+        "to publish."
+    )
 
 
 def _microseconds(ns):
@@ -659,10 +708,9 @@ def header(report):
     """One line: machine, date, library versions, thread counts."""
     torch_part = f"torch {report.torch_version}" if report.torch_version else f"torch {report.torch_note}"
     threads = ", ".join(map(str, report.threads))
-    load = f" (load average {report.load_average:.2f})" if report.load_average is not None else ""
     return (
         f"fastbn {fastbn.__version__} ({fastbn.build_info()['simd']}) on {machine_description()}"
-        f"{load} · {report.started:%Y-%m-%d %H:%M %Z} · Python {platform.python_version()}"
+        f" · {report.started:%Y-%m-%d %H:%M %Z} · Python {platform.python_version()}"
         f" · numpy {np.__version__} · {torch_part}"
         f" · {threads} thread{'s' if report.threads != (1,) else ''}"
     )
@@ -744,6 +792,11 @@ def _footnote(report):
         f" ({report.seconds:.0f} s in all). copy: {copy} of the same array, the floor for"
         " one read of x and one write of y.",
     ]
+    if report.load_before is not None and report.load_after is not None:
+        notes.append(
+            f"Other processes kept {report.load_before:.2f} cores busy just before the run and"
+            f" {report.load_after:.2f} just after."
+        )
     if report.torch_version:
         notes.append(
             "torch: torch.ops.aten.native_batch_norm / native_batch_norm_backward under"
@@ -758,6 +811,9 @@ def format_report(report, markdown=False):
     """The report as text: a header line, the comparison table, the thread-scaling table."""
     table = _markdown_table if markdown else _text_table
     parts = [(f"**{header(report)}**" if markdown else header(report)), ""]
+    warning = busy_warning(report)
+    if warning:
+        parts += [warning, ""]
     if report.results:
         parts += [table(*_result_rows(report)), ""]
     if report.scaling:

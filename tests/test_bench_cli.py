@@ -49,7 +49,8 @@ def test_quick_bench_markdown(capsys):
 
 def test_bench_leaves_thread_count_alone():
     before = fastbn.get_num_threads()
-    bench.run([bench.Case((32, 8))], ops=("eval",), threads=[1], use_torch=False, rounds=1)
+    bench.run([bench.Case((32, 8))], ops=("eval",), threads=[1], use_torch=False, rounds=1,
+              quick=True)
     assert fastbn.get_num_threads() == before
 
 
