@@ -85,6 +85,7 @@ class BuildExt(build_ext):
 
         sanitize = os.environ.get("FASTBN_SANITIZE", "").strip()
         if sanitize and ctype != "msvc":
+            self.force = True  # objects left in build/ by a normal build must not be reused
             # Any report aborts the process, so a test run cannot pass over one.
             flags = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all",
                      "-fno-omit-frame-pointer", "-g"]
