@@ -288,11 +288,13 @@ class BatchNorm:
         tracked = int(self.num_batches_tracked) + 1
         factor = 1.0 / tracked if self.momentum is None else self.momentum
         count = batch_x.size // self.num_features
-        # The kernel's biased batch variance, recovered from invstd = 1/sqrt(var + eps).
+        # The kernel's biased batch variance, recovered from invstd = 1/sqrt(var + eps) in
+        # the layer's dtype: relative error about finfo(dtype).eps * (1 + eps / var).
         var = np.maximum(invstd.astype(np.float64) ** -2 - self.eps, 0.0)
         unbiased_var = var * (count / (count - 1))
         kept = 1.0 - factor
-        self.running_mean[...] = self.running_mean.astype(np.float64) * kept + mean * factor
+        self.running_mean[...] = (self.running_mean.astype(np.float64) * kept
+                                  + mean.astype(np.float64) * factor)
         self.running_var[...] = self.running_var.astype(np.float64) * kept + unbiased_var * factor
         self.num_batches_tracked[...] = tracked
         self._statistics_exact = False
@@ -667,10 +669,10 @@ class BatchNorm:
         :meth:`load` restores it. The arrays are stored under :meth:`state_dict`'s keys,
         the configuration as JSON under ``__config__``; the file loads without pickle.
         """
-        with self._lock:
-            arrays = {name: getattr(self, name) for name in self._state_names()}
+        with self._lock:  # a consistent snapshot; the file is written outside the lock
+            arrays = {name: np.array(getattr(self, name)) for name in self._state_names()}
             arrays[_CONFIG_KEY] = np.array(json.dumps(self._config()))
-            np.savez(path, **arrays)
+        np.savez(path, **arrays)
 
     @classmethod
     def load(cls, path):

@@ -1031,7 +1031,7 @@ def test_concurrent_eval_calls_equal_serial_calls(rng, frequent_thread_switches)
 
 def test_concurrent_training_calls_never_tear_the_running_statistics(rng, frequent_thread_switches):
     x = batch(rng, (1, 32), 4, np.float32, loc=3.0)
-    threads, calls = 8, 150
+    threads, calls = 8, 500
     serial = BatchNorm(32, momentum=0.05)
     for _ in range(threads * calls):
         serial(x)
