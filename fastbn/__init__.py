@@ -13,15 +13,21 @@ from fastbn._core import (
     openmp_enabled,
     set_num_threads,
 )
+from fastbn.layer import BatchNorm, fold
+from fastbn.moments import Moments, moments
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNorm",
+    "Moments",
     "batch_norm",
     "batch_norm_backward",
     "batch_norm_train",
     "build_info",
+    "fold",
     "get_num_threads",
+    "moments",
     "openmp_enabled",
     "set_num_threads",
 ]

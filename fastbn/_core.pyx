@@ -335,6 +335,16 @@ def batch_norm_train(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None):
     TypeError, ValueError
         As :func:`batch_norm`.
     """
+    y, mean, var = _train_forward(x, weight, bias, eps, axis=axis, out=out)
+    dtype = y.dtype
+    with np.errstate(divide="ignore"):  # eps=0 and a constant channel: invstd is inf
+        invstd = 1.0 / np.sqrt(var + eps)
+    return y, mean.astype(dtype), invstd.astype(dtype)
+
+
+def _train_forward(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None):
+    """:func:`batch_norm_train` with the batch statistics as computed: (y, mean, var), the
+    biased variance, both float64. For the layer, which keeps them at full precision."""
     cdef _Batch batch = _batch(x, axis)
     cdef cnp.npy_intp channels = batch.shape.channels
     cdef double eps_value = _eps(eps)
@@ -343,8 +353,29 @@ def batch_norm_train(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None):
     _check_training_batch(batch)
     cdef cnp.ndarray y = _output(batch, out)
     mean, var = _train_kernel(batch, y, weight_array, bias_array, eps_value)
-    dtype = batch.x.dtype
-    return y, mean.astype(dtype), (1.0 / np.sqrt(var + eps_value)).astype(dtype)
+    return y, mean, var
+
+
+def _moments(x, *, axis=1):
+    """Per-channel (count, mean, m2) of x in float64, m2 the sum of squared deviations.
+
+    The same blocked, Chan-merged kernel as the training forward pass; count may be 0.
+    """
+    cdef _Batch batch = _batch(x, axis)
+    cdef cnp.npy_intp channels = batch.shape.channels
+    cdef cnp.ndarray mean = cnp.PyArray_EMPTY(1, &channels, cnp.NPY_FLOAT64, 0)
+    cdef cnp.ndarray m2 = cnp.PyArray_EMPTY(1, &channels, cnp.NPY_FLOAT64, 0)
+    cdef const void *xp = _data(batch.x)
+    cdef double *meanp = <double *>cnp.PyArray_DATA(mean)
+    cdef double *m2p = <double *>cnp.PyArray_DATA(m2)
+    cdef int status
+    with nogil:
+        if batch.single_precision:
+            status = fbn_moments_f32(<const float *>xp, batch.shape, meanp, m2p)
+        else:
+            status = fbn_moments_f64(<const double *>xp, batch.shape, meanp, m2p)
+    _raise_on_failure(status)
+    return batch.shape.outer * batch.shape.inner, mean, m2
 
 
 def batch_norm_backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1):

@@ -19,7 +19,8 @@ import numpy as np
 
 from fastbn._core import batch_norm as _batch_norm
 from fastbn._core import batch_norm_backward as _batch_norm_backward
-from fastbn._core import batch_norm_train as _batch_norm_train
+from fastbn._core import _train_forward
+from fastbn.moments import Moments, moments
 
 __all__ = ["BatchNorm", "fold"]
 
@@ -273,28 +274,26 @@ class BatchNorm:
             update = self.training and self.running_mean is not None
             if update:
                 self._check_statistics_writable()
-            y, mean, invstd = _batch_norm_train(batch_x, self.weight, self.bias, self.eps,
-                                                axis=self.axis, out=batch_out)
+            y, mean, var = _train_forward(batch_x, self.weight, self.bias, self.eps,
+                                          axis=self.axis, out=batch_out)
             if update:
-                self._update_running_statistics(batch_x, invstd, mean)
+                self._update_running_statistics(batch_x, mean, var)
             if batch_out is not None and np.may_share_memory(batch_out, batch_x):
                 self._context = _OVERWRITTEN
             else:
-                self._context = _Context(x, mean, invstd, True)
+                self._context = _Context(x, mean.astype(self.dtype), self._invstd(var), True)
             return y
 
-    def _update_running_statistics(self, batch_x, invstd, mean):
-        """PyTorch's update, computed in float64 and stored in the layer's dtype."""
+    def _update_running_statistics(self, batch_x, mean, var):
+        """PyTorch's update from the batch's float64 mean and biased variance, computed in
+        float64 and stored in the layer's dtype."""
         tracked = int(self.num_batches_tracked) + 1
         factor = 1.0 / tracked if self.momentum is None else self.momentum
         count = batch_x.size // self.num_features
-        # The kernel's biased batch variance, recovered from invstd = 1/sqrt(var + eps) in
-        # the layer's dtype: relative error about finfo(dtype).eps * (1 + eps / var).
-        var = np.maximum(invstd.astype(np.float64) ** -2 - self.eps, 0.0)
         unbiased_var = var * (count / (count - 1))
         kept = 1.0 - factor
         self.running_mean[...] = (self.running_mean.astype(np.float64) * kept
-                                  + mean.astype(np.float64) * factor)
+                                  + mean * factor)
         self.running_var[...] = self.running_var.astype(np.float64) * kept + unbiased_var * factor
         self.num_batches_tracked[...] = tracked
         self._statistics_exact = False
@@ -324,7 +323,8 @@ class BatchNorm:
         return corrected_mean.astype(self.dtype), corrected_var.astype(self.dtype), True
 
     def _invstd(self, var):
-        return (1.0 / np.sqrt(var.astype(np.float64) + self.eps)).astype(self.dtype)
+        with np.errstate(divide="ignore"):  # eps=0 and a constant channel: invstd is inf
+            return (1.0 / np.sqrt(var.astype(np.float64) + self.eps)).astype(self.dtype)
 
     # ------------------------------------------------------------ validation
 
@@ -492,32 +492,23 @@ class BatchNorm:
         if isinstance(batches, np.ndarray):
             raise TypeError("batches must be an iterable of arrays (a list, a generator); "
                             "to recalibrate on one array x, pass [x]")
-        channels = self.num_features
-        count = 0
-        mean = np.zeros(channels)
-        m2 = np.zeros(channels)
-        for index, batch in enumerate(batches):
-            batch_count, batch_mean, batch_m2 = self._moments(batch, f"batch {index}")
-            if batch_count == 0:
-                continue
-            total = count + batch_count
-            delta = batch_mean - mean
-            mean += delta * (batch_count / total)
-            m2 += batch_m2 + delta * delta * (count * batch_count / total)
-            count = total
+        total = Moments.empty(self.num_features)
+        for index, batch in enumerate(batches):  # a stream: one batch in memory at a time
+            total = total.merge(self._moments(batch, f"batch {index}"))
+        count = int(total.count[0])
         if count < 2:
             raise ValueError(
                 f"recalibrate() needs more than 1 value per channel in all, got {count}"
             )
         with self._lock:
             self._check_statistics_writable()
-            self.running_mean[...] = mean
-            self.running_var[...] = m2 / (count - 1)
+            self.running_mean[...] = total.mean
+            self.running_var[...] = total.unbiased_var
             self._statistics_exact = True
         return self
 
     def _moments(self, batch, name):
-        """(count, mean, m2) per channel of one batch, in float64."""
+        """The Moments of one batch, after checks that name the batch."""
         if not isinstance(batch, np.ndarray):
             raise TypeError(f"{name} must be a numpy.ndarray, got {type(batch).__name__}")
         if batch.dtype not in (np.float32, np.float64):
@@ -534,18 +525,7 @@ class BatchNorm:
                 self._check_batch_shape(batch)
             except ValueError as error:
                 raise ValueError(f"{name}: {error}") from None
-        count = batch.size // self.num_features
-        if count == 0:
-            return 0, None, None
-        if count == 1:
-            return 1, batch.reshape(-1).astype(np.float64), np.zeros(self.num_features)
-        # TODO: a binding of the kernels' fbn_moments (mean and m2 in float64, no output
-        # array) would be exact and cheaper; batch_norm_train with eps=0 returns
-        # invstd = 1/sqrt(var) in the batch's dtype, and writes a normalized copy.
-        with np.errstate(divide="ignore", over="ignore"):  # constant channels: invstd = inf
-            _, batch_mean, invstd = _batch_norm_train(batch, eps=0.0, axis=self.axis)
-        var = 1.0 / np.square(invstd.astype(np.float64))
-        return count, batch_mean.astype(np.float64), var * count
+        return moments(batch, axis=self.axis)
 
     def reset_running_stats(self):
         """Running statistics back to mean 0, variance 1, num_batches_tracked 0 (in place)."""
