@@ -37,6 +37,7 @@ import platform
 import re
 import statistics
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field, replace
 
@@ -787,9 +788,10 @@ def _footnote(report):
     copy = "numpy.copyto"
     if copy_threads:
         copy = f"the faster of numpy.copyto and a copy split over {'/'.join(map(str, copy_threads))} threads"
+    span = f"{min(rounds)}" if min(rounds) == max(rounds) else f"{min(rounds)}–{max(rounds)}"
     notes = [
-        f"Median time per call over {min(rounds)}–{max(rounds)} interleaved rounds"
-        f" ({report.seconds:.0f} s in all). copy: {copy} of the same array, the floor for"
+        f"Median time per call over {span} interleaved rounds"
+        f" ({report.seconds:.{0 if report.seconds >= 10 else 1}f} s in all). copy: {copy} of the same array, the floor for"
         " one read of x and one write of y.",
     ]
     if report.load_before is not None and report.load_after is not None:
@@ -819,7 +821,8 @@ def format_report(report, markdown=False):
     if report.scaling:
         parts += ["Thread scaling, fastbn only:", "", table(*_scaling_rows(report)), ""]
     if report.results or report.scaling:
-        parts += [" ".join(_footnote(report))]
+        notes = " ".join(_footnote(report))
+        parts += [notes if markdown else textwrap.fill(notes, 100)]
     else:
         parts += ["Nothing to measure: no selected case has a selected operation."]
     return "\n".join(parts)
