@@ -216,6 +216,12 @@ def assert_close(actual, expected, *, factor, scale=None, what=""):
         )
 
 
+def accumulation(dtype, count):
+    """The typical relative error of a float64 sum of ``count`` terms, sqrt(M) * eps(float64)
+    (recursive summation with random rounding errors), in units of eps(dtype)."""
+    return np.sqrt(count) * np.finfo(np.float64).eps / np.finfo(dtype).eps
+
+
 def snapshot(*arrays):
     """Copies of the given arrays (None kept), for checking later that nothing changed."""
     return [None if a is None else np.array(a, copy=True) for a in arrays]

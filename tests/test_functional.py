@@ -27,6 +27,7 @@ from conftest import (
     DTYPES,
     ORDERS,
     Case,
+    accumulation,
     assert_close,
     assert_unchanged,
     cases,
@@ -41,28 +42,22 @@ EPS = 1e-5
 MOMENTUM = 0.3
 
 
-def _accumulation(dtype, count):
-    """The typical relative error of a float64 sum of ``count`` terms, sqrt(M) * eps(float64)
-    (recursive summation with random rounding errors), in units of eps(dtype)."""
-    return np.sqrt(count) * np.finfo(np.float64).eps / np.finfo(dtype).eps
-
-
 def check_batch_statistics(case, x, mean, invstd, eps=EPS):
     """mean and invstd as batch_norm_train returns them: rounded to x's dtype once (relative
     to their own size), after a float64 accumulation (relative to mean|x| for the mean)."""
     expected_mean, expected_var, count = reference.batch_moments(x, case.axis)
     expected_invstd = 1.0 / np.sqrt(expected_var + eps)
-    accumulation = _accumulation(case.dtype, count)
+    summation = accumulation(case.dtype, count)
     assert mean.dtype == invstd.dtype == case.dtype
     assert mean.shape == invstd.shape == (case.channels,)
     magnitude = np.abs(reference.as_channel_rows(x, case.axis)).mean(axis=1)
     assert_close(
         mean, expected_mean, factor=STATISTIC_FACTOR,
-        scale=np.abs(expected_mean) + accumulation * magnitude, what=f"mean {case.id}",
+        scale=np.abs(expected_mean) + summation * magnitude, what=f"mean {case.id}",
     )
     assert_close(
         invstd, expected_invstd, factor=STATISTIC_FACTOR,
-        scale=expected_invstd * (1 + accumulation), what=f"invstd {case.id}",
+        scale=expected_invstd * (1 + summation), what=f"invstd {case.id}",
     )
 
 
@@ -72,18 +67,18 @@ def check_running_stats(case, x, running_mean, running_var, old_mean, old_var, m
         x, old_mean, old_var, momentum=momentum, axis=case.axis
     )
     batch_mean, _, count = reference.batch_moments(x, case.axis)
-    accumulation = _accumulation(case.dtype, count)
+    summation = accumulation(case.dtype, count)
     magnitude = np.abs(reference.as_channel_rows(x, case.axis)).mean(axis=1)
     assert running_mean.dtype.type == running_var.dtype.type == np.dtype(case.dtype).type
     assert_close(
         running_mean, expected_mean, factor=STATISTIC_FACTOR,
         scale=np.abs(expected_mean) + (1 - momentum) * np.abs(old_mean.astype(np.float64))
-        + momentum * (np.abs(batch_mean) + accumulation * magnitude),
+        + momentum * (np.abs(batch_mean) + summation * magnitude),
         what=f"running_mean {case.id}",
     )
     assert_close(
         running_var, expected_var, factor=STATISTIC_FACTOR,
-        scale=expected_var * (1 + accumulation), what=f"running_var {case.id}",
+        scale=expected_var * (1 + summation), what=f"running_var {case.id}",
     )
 
 

@@ -1,0 +1,228 @@
+"""Threads: results do not depend on the thread count; the thread setting API.
+
+Inputs of >= 64K values run on several threads, split by channel or by position depending
+on the layout (conftest.LARGE_LAYOUTS). Results with 2 and 3 threads are compared with the
+single-thread result. Only the order of float64 additions may differ between them, so
+elementwise outputs must agree to THREAD_FACTOR ulps of the largest value, and per-channel
+statistics and sums to THREAD_FACTOR times the rounding of their sums (conftest.accumulation
+for means and variances, the sum of |terms| for grad_weight and grad_bias).
+
+Every test restores the thread setting (conftest.restore_threads).
+"""
+
+import multiprocessing
+import queue as queues
+import warnings
+
+import numpy as np
+import pytest
+
+import fastbn
+from conftest import LARGE_LAYOUTS, accumulation, assert_close, cases
+
+pytestmark = pytest.mark.usefixtures("restore_threads")
+
+THREAD_FACTOR = 4
+THREAD_COUNTS = (2, 3)
+
+
+def _run_all(case, x, weight, bias, grad_out, running_mean, running_var, statistics=None):
+    """Every function on the same input; returns the results by name. The backward passes
+    get ``statistics`` (mean, invstd) if given, else those this run's forward pass returned."""
+    axis = case.axis
+    results = {}
+    results["y"], results["mean"], results["invstd"] = fastbn.batch_norm_train(
+        x, weight, bias, axis=axis
+    )
+    mean_copy, var_copy = running_mean.copy(), running_var.copy()
+    results["training y"] = fastbn.batch_norm(
+        x, mean_copy, var_copy, weight, bias, training=True, momentum=0.5, axis=axis
+    )
+    results["running_mean"], results["running_var"] = mean_copy, var_copy
+    results["eval y"] = fastbn.batch_norm(x, running_mean, running_var, weight, bias, axis=axis)
+    mean, invstd = statistics or (results["mean"], results["invstd"])
+    for training in (True, False):
+        grads = fastbn.batch_norm_backward(
+            grad_out, x, mean, invstd, weight, training=training, axis=axis
+        )
+        for name, value in zip(("grad_x", "grad_weight", "grad_bias"), grads, strict=True):
+            results[f"{name} training={training}"] = value
+    return results
+
+
+def _channel_rows(array, axis):
+    moved = np.moveaxis(np.asarray(array, dtype=np.float64), axis, 0)
+    return moved.reshape(moved.shape[0], -1)
+
+
+def _from_channel_rows(rows, like, axis):
+    return np.moveaxis(rows.reshape(np.moveaxis(like, axis, 0).shape), 0, axis)
+
+
+def _scales(case, x, weight, grad_out, single):
+    """What the rounding of each result is relative to (None: its largest value, at least 1).
+
+    Statistics carry the rounding of float64 sums (conftest.accumulation). y = weight *
+    (x - mean) * invstd + bias carries, besides its own rounding, the statistics' error
+    times weight * invstd. The gradients carry the rounding of their sums (as in
+    test_functional): sum(|dy|) and sum(|dy * xhat|), and in grad_x the same divided by M.
+    """
+    rows, dy = _channel_rows(x, case.axis), _channel_rows(grad_out, case.axis)
+    mean = single["mean"].astype(np.float64)
+    invstd = single["invstd"].astype(np.float64)
+    xhat = (rows - mean[:, None]) * invstd[:, None]
+    statistic = 1 + accumulation(case.dtype, case.count)
+    magnitude = np.abs(rows).mean(axis=1)
+    slope = np.abs(weight.astype(np.float64)) * invstd
+    scales = {
+        "mean": magnitude * statistic,
+        "invstd": invstd * statistic,
+        "running_mean": magnitude * statistic + np.abs(single["running_mean"]),
+        "running_var": np.abs(single["running_var"].astype(np.float64)) * statistic,
+    }
+    for name in ("y", "training y"):
+        scales[name] = max(1.0, float(np.max(np.abs(single[name])))) + float(
+            np.max((slope * magnitude + np.abs(weight) * np.abs(xhat).max(axis=1)) * statistic)
+        )
+    for training in (True, False):
+        terms = np.abs(dy)
+        if training:
+            terms = terms + np.abs(dy).mean(axis=1, keepdims=True) + np.abs(xhat) * np.abs(
+                dy * xhat
+            ).mean(axis=1, keepdims=True)
+        scales[f"grad_x training={training}"] = _from_channel_rows(
+            slope[:, None] * terms, x, case.axis
+        )
+        scales[f"grad_weight training={training}"] = np.abs(dy * xhat).sum(axis=1)
+        scales[f"grad_bias training={training}"] = np.abs(dy).sum(axis=1)
+    return scales
+
+
+def _check_thread_counts(case, rng, thread_counts):
+    x = case.array(rng)
+    weight, bias = case.per_channel(rng), case.per_channel(rng)
+    grad_out = rng.standard_normal(case.shape).astype(case.dtype)
+    running_mean = case.per_channel(rng)
+    running_var = rng.uniform(0.5, 2.0, case.channels).astype(case.dtype)
+    inputs = (x, weight, bias, grad_out, running_mean, running_var)
+
+    fastbn.set_num_threads(1)
+    single = _run_all(case, *inputs)
+    scales = _scales(case, x, weight, grad_out, single)
+    for threads in thread_counts:
+        fastbn.set_num_threads(threads)
+        several = _run_all(case, *inputs, statistics=(single["mean"], single["invstd"]))
+        for name, value in several.items():
+            assert_close(
+                value, single[name], factor=THREAD_FACTOR, scale=scales.get(name),
+                what=f"{name} with {threads} threads vs 1, {case.id}",
+            )
+
+
+@pytest.mark.parametrize("case", cases(LARGE_LAYOUTS, orders=("C",)))
+def test_results_do_not_depend_on_the_thread_count(case, rng):
+    _check_thread_counts(case, rng, THREAD_COUNTS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case",
+    cases((((64, 64, 32, 32), 1), ((65536, 64), 1), ((4, 3, 500000), 1)), orders=("C",)),
+)
+def test_results_do_not_depend_on_the_thread_count_large(case, rng):
+    _check_thread_counts(case, rng, (2, 3, 4, 5, 8))
+
+
+# --------------------------------------------------------------------- the setting
+
+
+def test_set_and_get_round_trip():
+    fastbn.set_num_threads(None)
+    default = fastbn.get_num_threads()
+    assert isinstance(default, int) and default >= 1
+    for threads in (1, 2, 3, 7, np.int64(2)):
+        fastbn.set_num_threads(threads)
+        expected = int(threads) if fastbn.openmp_enabled() else 1
+        assert fastbn.get_num_threads() == expected
+    fastbn.set_num_threads(None)
+    assert fastbn.get_num_threads() == default
+
+
+def test_openmp_enabled_is_a_bool():
+    assert isinstance(fastbn.openmp_enabled(), bool)
+    if not fastbn.openmp_enabled():
+        fastbn.set_num_threads(4)
+        assert fastbn.get_num_threads() == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "exception", "match"),
+    [
+        (0, ValueError, r"^num_threads must be >= 1, got 0"),
+        (-1, ValueError, r"^num_threads must be >= 1, got -1"),
+        (np.int32(-3), ValueError, r"^num_threads must be >= 1"),
+        ("a", TypeError, r"^num_threads must be an integer or None, got str"),
+        ("2", TypeError, r"^num_threads must be an integer or None, got str"),
+        (1.5, TypeError, r"^num_threads must be an integer or None, got float"),
+        (2.0, TypeError, r"^num_threads must be an integer or None, got float"),
+        (True, TypeError, r"^num_threads must be an integer or None, got bool"),
+        ([2], TypeError, r"^num_threads must be an integer or None, got list"),
+    ],
+    ids=repr,
+)
+def test_bad_thread_counts_are_rejected_and_change_nothing(value, exception, match):
+    fastbn.set_num_threads(3)
+    with pytest.raises(exception, match=match):
+        fastbn.set_num_threads(value)
+    expected = 3 if fastbn.openmp_enabled() else 1
+    assert fastbn.get_num_threads() == expected
+
+
+def test_threadpoolctl_limits_the_default():
+    """Without an explicit setting, fastbn follows OpenMP's limit, which threadpoolctl sets."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if not fastbn.openmp_enabled():
+        pytest.skip("built without OpenMP")
+    fastbn.set_num_threads(None)
+    with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
+        assert fastbn.get_num_threads() == 1
+
+
+def _child(queue, x):
+    y, mean, invstd = fastbn.batch_norm_train(x)
+    queue.put((fastbn.get_num_threads(), y, mean, invstd))
+
+
+def test_forked_child_runs_serially_instead_of_hanging():
+    """GNU libgomp's thread pool does not survive fork(): a child forked after the parent
+    ran a parallel region must not enter one (it would hang). It runs serially and reports
+    one thread, and computes the same result."""
+    if not fastbn.openmp_enabled():
+        pytest.skip("built without OpenMP")
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    x = np.random.default_rng(0).standard_normal((64, 64, 8, 8))
+    fastbn.set_num_threads(2)
+    expected = fastbn.batch_norm_train(x)  # a parallel region in the parent
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    with warnings.catch_warnings():
+        # Python >= 3.12 warns that fork() in a multi-threaded process may deadlock: the
+        # very situation this test checks fastbn handles.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*fork.*")
+        child = context.Process(target=_child, args=(queue, x))
+        child.start()
+    try:
+        threads, *result = queue.get(timeout=60)
+    except queues.Empty:
+        pytest.fail("the forked child did not finish batch_norm_train within 60 s (hung?)")
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+            child.join()
+    assert threads == 1
+    assert child.exitcode == 0
+    for got, want in zip(result, expected, strict=True):
+        assert_close(got, want, factor=THREAD_FACTOR, what="forked child vs parent")
