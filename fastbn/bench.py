@@ -380,7 +380,9 @@ def _torch_contenders(torch, case, op, inputs):
     aten = torch.ops.aten
     x, weight, bias = t["x"], t["weight"], t["bias"]
     if op == "train":
-        return {"torch": lambda: aten.native_batch_norm(x, weight, bias, None, None, True, 0.1, EPS)}
+        return {
+            "torch": lambda: aten.native_batch_norm(x, weight, bias, None, None, True, 0.1, EPS)
+        }
     if op == "backward":
         with torch.no_grad():
             _, mean, invstd = aten.native_batch_norm(x, weight, bias, None, None, True, 0.1, EPS)
@@ -501,7 +503,8 @@ class Result:
 
     @property
     def copy(self):
-        return min(self.medians[name] for name in ("copyto", "threaded-copy") if name in self.medians)
+        copies = ("copyto", "threaded-copy")
+        return min(self.medians[name] for name in copies if name in self.medians)
 
 
 @dataclass
@@ -707,13 +710,13 @@ def _threads_phrase(n):
 
 def header(report):
     """One line: machine, date, library versions, thread counts."""
-    torch_part = f"torch {report.torch_version}" if report.torch_version else f"torch {report.torch_note}"
-    threads = ", ".join(map(str, report.threads))
+    torch_part = f"torch {report.torch_version or report.torch_note}"
+    threads = ", ".join(map(str, report.threads[:-1])) + (", " if len(report.threads) > 1 else "")
     return (
         f"fastbn {fastbn.__version__} ({fastbn.build_info()['simd']}) on {machine_description()}"
         f" · {report.started:%Y-%m-%d %H:%M %Z} · Python {platform.python_version()}"
         f" · numpy {np.__version__} · {torch_part}"
-        f" · {threads} thread{'s' if report.threads != (1,) else ''}"
+        f" · {threads}{_threads_phrase(report.threads[-1])}"
     )
 
 
@@ -773,7 +776,8 @@ def _text_table(columns, rows):
             for cell, width, right in zip(cells, widths, numeric)
         ).rstrip()
 
-    return "\n".join([line(columns), line("-" * width for width in widths)] + [line(r) for r in rows])
+    rule = line("-" * width for width in widths)
+    return "\n".join([line(columns), rule] + [line(row) for row in rows])
 
 
 def _markdown_table(columns, rows):
@@ -787,12 +791,13 @@ def _footnote(report):
     copy_threads = [n for n in report.threads if n > 1]
     copy = "numpy.copyto"
     if copy_threads:
-        copy = f"the faster of numpy.copyto and a copy split over {'/'.join(map(str, copy_threads))} threads"
+        counts = "/".join(map(str, copy_threads))
+        copy = f"the faster of numpy.copyto and a copy split over {counts} threads"
     span = f"{min(rounds)}" if min(rounds) == max(rounds) else f"{min(rounds)}–{max(rounds)}"
+    seconds = f"{report.seconds:.{0 if report.seconds >= 10 else 1}f}"
     notes = [
-        f"Median time per call over {span} interleaved rounds"
-        f" ({report.seconds:.{0 if report.seconds >= 10 else 1}f} s in all). copy: {copy} of the same array, the floor for"
-        " one read of x and one write of y.",
+        f"Median time per call over {span} interleaved rounds ({seconds} s in all)."
+        f" copy: {copy} of the same array, the floor for one read of x and one write of y.",
     ]
     if report.load_before is not None and report.load_after is not None:
         notes.append(
@@ -932,6 +937,8 @@ def run_from_args(args):
 
 def main(argv=None):
     """``python -m fastbn bench`` as a function: ``main(["--quick", "--no-torch"])``."""
-    parser = argparse.ArgumentParser(prog="python -m fastbn bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fastbn bench", description=__doc__.split("\n\n")[0]
+    )
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))
