@@ -139,9 +139,7 @@ class Case:
             scale = rng.uniform(0.5, 2.0, channels)
         shape = [1] * len(self.shape)
         shape[self.axis] = channels
-        values = rng.standard_normal(self.shape) * np.reshape(scale, shape) + np.reshape(
-            loc, shape
-        )
+        values = rng.standard_normal(self.shape) * np.reshape(scale, shape) + np.reshape(loc, shape)
         return in_order(values.astype(self.dtype), self.order)
 
     def per_channel(self, rng, low=-2.0, high=2.0):

@@ -114,7 +114,9 @@ def backward_train(grad_out, x, mean, invstd, weight=None, axis=1):
     channels, count = dy.shape
     weight = _per_channel(weight, channels, 1.0)
     grad_x = (
-        weight * _column(invstd) / count
+        weight
+        * _column(invstd)
+        / count
         * (count * dy - _column(grad_bias) - xhat * _column(grad_weight))
     )
     return _from_rows(grad_x, x, axis), grad_weight, grad_bias

@@ -52,12 +52,18 @@ def check_batch_statistics(case, x, mean, invstd, eps=EPS):
     assert mean.shape == invstd.shape == (case.channels,)
     magnitude = np.abs(reference.as_channel_rows(x, case.axis)).mean(axis=1)
     assert_close(
-        mean, expected_mean, factor=STATISTIC_FACTOR,
-        scale=np.abs(expected_mean) + summation * magnitude, what=f"mean {case.id}",
+        mean,
+        expected_mean,
+        factor=STATISTIC_FACTOR,
+        scale=np.abs(expected_mean) + summation * magnitude,
+        what=f"mean {case.id}",
     )
     assert_close(
-        invstd, expected_invstd, factor=STATISTIC_FACTOR,
-        scale=expected_invstd * (1 + summation), what=f"invstd {case.id}",
+        invstd,
+        expected_invstd,
+        factor=STATISTIC_FACTOR,
+        scale=expected_invstd * (1 + summation),
+        what=f"invstd {case.id}",
     )
 
 
@@ -71,14 +77,20 @@ def check_running_stats(case, x, running_mean, running_var, old_mean, old_var, m
     magnitude = np.abs(reference.as_channel_rows(x, case.axis)).mean(axis=1)
     assert running_mean.dtype.type == running_var.dtype.type == np.dtype(case.dtype).type
     assert_close(
-        running_mean, expected_mean, factor=STATISTIC_FACTOR,
-        scale=np.abs(expected_mean) + (1 - momentum) * np.abs(old_mean.astype(np.float64))
+        running_mean,
+        expected_mean,
+        factor=STATISTIC_FACTOR,
+        scale=np.abs(expected_mean)
+        + (1 - momentum) * np.abs(old_mean.astype(np.float64))
         + momentum * (np.abs(batch_mean) + summation * magnitude),
         what=f"running_mean {case.id}",
     )
     assert_close(
-        running_var, expected_var, factor=STATISTIC_FACTOR,
-        scale=expected_var * (1 + summation), what=f"running_var {case.id}",
+        running_var,
+        expected_var,
+        factor=STATISTIC_FACTOR,
+        scale=expected_var * (1 + summation),
+        what=f"running_var {case.id}",
     )
 
 
@@ -124,11 +136,17 @@ def _assert_gradients_match(case, got, expected, grad_out, x, mean, invstd, weig
     slope = np.abs(column(invstd) * (1.0 if weight is None else column(weight)))
     terms = np.abs(dy)
     if training:
-        terms = terms + np.abs(dy).mean(axis=1, keepdims=True) + np.abs(xhat) * np.abs(
-            dy * xhat
-        ).mean(axis=1, keepdims=True)
-    grad_x_scale = np.moveaxis((slope * terms).reshape(np.moveaxis(x, case.axis, 0).shape), 0, case.axis)
-    assert_close(grad_x, expected_x, factor=FORWARD_FACTOR, scale=grad_x_scale, what=f"grad_x {case.id}")
+        terms = (
+            terms
+            + np.abs(dy).mean(axis=1, keepdims=True)
+            + np.abs(xhat) * np.abs(dy * xhat).mean(axis=1, keepdims=True)
+        )
+    grad_x_scale = np.moveaxis(
+        (slope * terms).reshape(np.moveaxis(x, case.axis, 0).shape), 0, case.axis
+    )
+    assert_close(
+        grad_x, expected_x, factor=FORWARD_FACTOR, scale=grad_x_scale, what=f"grad_x {case.id}"
+    )
     assert_close(
         grad_weight,
         expected_weight,
@@ -167,8 +185,15 @@ def test_batch_norm_training_matches_reference_and_updates_running_stats(case, r
     old_mean, old_var = running_mean.copy(), running_var.copy()
 
     y = fastbn.batch_norm(
-        x, running_mean, running_var, weight, bias, training=True, momentum=MOMENTUM,
-        eps=EPS, axis=case.axis,
+        x,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training=True,
+        momentum=MOMENTUM,
+        eps=EPS,
+        axis=case.axis,
     )
 
     check_y(case, y, reference.forward_train(x, weight, bias, eps=EPS, axis=case.axis)[0])
@@ -244,7 +269,13 @@ def test_random_layouts_match_reference(case, seed, affine):
 
     old_mean, old_var = running_mean.copy(), running_var.copy()
     y = fastbn.batch_norm(
-        x, running_mean, running_var, weight, bias, training=True, momentum=MOMENTUM,
+        x,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training=True,
+        momentum=MOMENTUM,
         axis=case.axis,
     )
     check_y(case, y, reference.forward_train(x, weight, bias, axis=case.axis)[0])
@@ -332,8 +363,13 @@ def test_constant_channels_give_bias(dtype, layout, values, rng):
 
     y, mean, invstd = fastbn.batch_norm_train(x, weight, bias, eps=EPS)
     y_running = fastbn.batch_norm(
-        x, np.zeros(case.channels, dtype), np.ones(case.channels, dtype), weight, bias,
-        training=True, eps=EPS,
+        x,
+        np.zeros(case.channels, dtype),
+        np.ones(case.channels, dtype),
+        weight,
+        bias,
+        training=True,
+        eps=EPS,
     )
 
     exact = dtype == np.float32 or values == (2.5, -7.25)
@@ -370,8 +406,15 @@ def _call_forward(function, x, case, rng, out):
     if function == "batch_norm(training=True)":
         old_mean, old_var = running_mean.copy(), running_var.copy()
         y = fastbn.batch_norm(
-            x, running_mean, running_var, weight, bias, training=True, momentum=MOMENTUM,
-            axis=case.axis, out=out,
+            x,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training=True,
+            momentum=MOMENTUM,
+            axis=case.axis,
+            out=out,
         )
         check_running_stats(case, original, running_mean, running_var, old_mean, old_var, MOMENTUM)
         return y, reference.forward_train(original, weight, bias, axis=case.axis)[0]
@@ -385,8 +428,14 @@ def _call_forward(function, x, case, rng, out):
 
 FORWARD_FUNCTIONS = ["batch_norm_train", "batch_norm(training=True)", "batch_norm(training=False)"]
 OUT_CASES = cases(
-    (((3, 4, 5), 1), ((5, 7), 1), ((32, 64, 8, 8), 1), ((2, 3, 40000), 1), ((4096, 256), 1),
-     ((40000, 3), 1)),
+    (
+        ((3, 4, 5), 1),
+        ((5, 7), 1),
+        ((32, 64, 8, 8), 1),
+        ((2, 3, 40000), 1),
+        ((4096, 256), 1),
+        ((40000, 3), 1),
+    ),
     orders=("C",),
 )
 

@@ -93,7 +93,9 @@ def _check_all(loss, x, weight, bias, sigma, grads, y, grad_out, axis, label):
     channel_shape[axis] = x.shape[axis]
     sigma = np.reshape(sigma, channel_shape)
     _assert_matches_finite_differences(
-        grad_x, _numerical_gradient(loss, x, STEP * sigma), (1 + loss_terms) / sigma,
+        grad_x,
+        _numerical_gradient(loss, x, STEP * sigma),
+        (1 + loss_terms) / sigma,
         f"grad_x {label}",
     )
     for name, value, grad in (("grad_weight", weight, grad_weight), ("grad_bias", bias, grad_bias)):
@@ -119,7 +121,15 @@ def _check_training_gradients(shape, axis, seed, with_weight=True):
     )
     arguments["weight"] = weight
     _check_all(
-        loss, x, weight, bias, 1 / invstd, grads, y, grad_out, axis,
+        loss,
+        x,
+        weight,
+        bias,
+        1 / invstd,
+        grads,
+        y,
+        grad_out,
+        axis,
         f"training shape={shape} axis={axis} weight={with_weight}",
     )
 
@@ -147,8 +157,14 @@ def test_eval_backward_matches_finite_differences(layout, with_weight):
 
     def loss():
         y = fastbn.batch_norm(
-            x, running_mean, running_var, arguments["weight"], bias, training=False,
-            eps=BN_EPS, axis=axis,
+            x,
+            running_mean,
+            running_var,
+            arguments["weight"],
+            bias,
+            training=False,
+            eps=BN_EPS,
+            axis=axis,
         )
         return float(np.sum(y * grad_out))
 
@@ -161,7 +177,15 @@ def test_eval_backward_matches_finite_differences(layout, with_weight):
     )
     arguments["weight"] = weight
     _check_all(
-        loss, x, weight, bias, 1 / invstd, grads, y, grad_out, axis,
+        loss,
+        x,
+        weight,
+        bias,
+        1 / invstd,
+        grads,
+        y,
+        grad_out,
+        axis,
         f"eval shape={shape} axis={axis} weight={with_weight}",
     )
 

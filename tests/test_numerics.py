@@ -123,7 +123,13 @@ def test_backward_at_large_offsets(shape, ratio):
     rows = reference.as_channel_rows
     xhat = (rows(x, 1) - mean.astype(np.float64)[:, None]) * invstd.astype(np.float64)[:, None]
     dy = rows(grad_out, 1)
-    assert_close(grad_weight, expected_weight, factor=8, scale=np.abs(dy * xhat).sum(axis=1), what="grad_weight")
+    assert_close(
+        grad_weight,
+        expected_weight,
+        factor=8,
+        scale=np.abs(dy * xhat).sum(axis=1),
+        what="grad_weight",
+    )
     assert_close(grad_bias, expected_bias, factor=8, scale=np.abs(dy).sum(axis=1), what="grad_bias")
     assert_close(grad_x, expected_x, factor=OUTPUT_FACTOR, what="grad_x")
 
@@ -146,7 +152,10 @@ def test_pytorch_float32_variance_error_is_much_larger():
     fastbn.batch_norm(x, np.zeros(shape[1], np.float32), running_var, training=True, momentum=1.0)
     torch_running_var = torch.ones(shape[1])
     torch.nn.functional.batch_norm(
-        torch.from_numpy(x), torch.zeros(shape[1]), torch_running_var, training=True,
+        torch.from_numpy(x),
+        torch.zeros(shape[1]),
+        torch_running_var,
+        training=True,
         momentum=1.0,
     )
 

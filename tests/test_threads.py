@@ -87,9 +87,11 @@ def _scales(case, x, weight, grad_out, single):
     for training in (True, False):
         terms = np.abs(dy)
         if training:
-            terms = terms + np.abs(dy).mean(axis=1, keepdims=True) + np.abs(xhat) * np.abs(
-                dy * xhat
-            ).mean(axis=1, keepdims=True)
+            terms = (
+                terms
+                + np.abs(dy).mean(axis=1, keepdims=True)
+                + np.abs(xhat) * np.abs(dy * xhat).mean(axis=1, keepdims=True)
+            )
         scales[f"grad_x training={training}"] = _from_channel_rows(
             slope[:, None] * terms, x, case.axis
         )
@@ -114,7 +116,10 @@ def _check_thread_counts(case, rng, thread_counts):
         several = _run_all(case, *inputs, statistics=(single["mean"], single["invstd"]))
         for name, value in several.items():
             assert_close(
-                value, single[name], factor=THREAD_FACTOR, scale=scales.get(name),
+                value,
+                single[name],
+                factor=THREAD_FACTOR,
+                scale=scales.get(name),
                 what=f"{name} with {threads} threads vs 1, {case.id}",
             )
 
