@@ -527,6 +527,7 @@ class Report:
     started: datetime.datetime = None
     load_before: float = None  # cores other processes kept busy just before the run (Linux)
     load_after: float = None  # and just after it
+    waited_s: float = 0.0  # waiting for idle cores (wait_idle_s)
     seconds: float = 0.0
 
 
@@ -540,12 +541,14 @@ def import_torch():
 
 
 def run(cases, *, ops=OPS, threads=None, use_torch=True, rounds=None, budget_s=80.0,
-        quick=False, scaling=True, progress=None):
+        quick=False, scaling=True, wait_idle_s=0.0, progress=None):
     """Measures ``cases`` x ``ops`` at each thread count in ``threads``; returns a :class:`Report`.
 
     ``threads`` defaults to ``[fastbn.get_num_threads()]``. ``scaling`` also times fastbn alone
     at 1 thread against the largest count on the large cases (every case with ``quick``).
-    ``progress``, if given, is called with a line of text before each measurement.
+    ``wait_idle_s`` > 0: before each measurement, wait up to that long for other processes to
+    leave the cores idle (the wait does not count against ``budget_s``). ``progress``, if
+    given, is called with a line of text before each measurement.
     """
     started = time.perf_counter()
     initial_threads = fastbn.get_num_threads()
@@ -576,7 +579,9 @@ def run(cases, *, ops=OPS, threads=None, use_torch=True, rounds=None, budget_s=8
     inputs_cache = {}
     try:
         for index, (kind, n, case, op) in enumerate(jobs):
-            remaining_s = budget_s - (time.perf_counter() - started)
+            if wait_idle_s > 0:
+                report.waited_s += wait_for_idle(wait_idle_s)
+            remaining_s = budget_s - (time.perf_counter() - started - report.waited_s)
             job_budget_s = max(remaining_s, 0.0) / (len(jobs) - index)
             if case not in inputs_cache:
                 inputs_cache.clear()  # keep one case's arrays alive at a time
@@ -672,6 +677,16 @@ def background_load(seconds):
 
 #: Other processes busier than this (in cores) make the run's numbers suspect.
 BUSY_CORES = 0.25
+
+
+def wait_for_idle(max_wait_s, probe_s=0.25):
+    """Sleeps until other processes leave the cores idle or for ``max_wait_s``; returns the wait."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < max_wait_s:
+        load = background_load(probe_s)
+        if load is None or load < BUSY_CORES:
+            break
+    return time.perf_counter() - started
 
 
 def busy_warning(report):
@@ -799,6 +814,8 @@ def _footnote(report):
         f"Median time per call over {span} interleaved rounds ({seconds} s in all)."
         f" copy: {copy} of the same array, the floor for one read of x and one write of y.",
     ]
+    if report.waited_s > 0:
+        notes.append(f"Waited {report.waited_s:.0f} s in all for idle cores between measurements.")
     if report.load_before is not None and report.load_after is not None:
         notes.append(
             f"Other processes kept {report.load_before:.2f} cores busy just before the run and"
@@ -898,6 +915,11 @@ def add_arguments(parser):
         "--budget", type=float, metavar="SECONDS",
         help="aim for the whole run to take about this long (default 80; 1 with --quick)",
     )
+    parser.add_argument(
+        "--wait-idle", type=float, default=0.0, metavar="SECONDS",
+        help="before each measurement, wait up to this long for other processes to leave the "
+             "cores idle (for a shared machine; not counted in --budget)",
+    )
     parser.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
     parser.add_argument("--no-scaling", action="store_true", help="skip the thread-scaling table")
     parser.add_argument(
@@ -928,7 +950,7 @@ def run_from_args(args):
 
     report = run(
         cases, ops=ops, threads=args.threads, use_torch=not args.no_torch, rounds=args.repeat,
-        budget_s=budget, quick=args.quick, scaling=not args.no_scaling,
+        budget_s=budget, quick=args.quick, scaling=not args.no_scaling, wait_idle_s=args.wait_idle,
         progress=None if args.quiet else progress,
     )
     print(format_report(report, markdown=args.markdown))
