@@ -487,6 +487,78 @@ def measure(calls, *, budget_s=2.0, rounds=None, min_rounds=5, max_rounds=200, w
     return {name: statistics.median(values) for name, values in samples.items()}, rounds
 
 
+# ------------------------------------------------------------------ other processes
+
+#: Other processes using more cores than this during a measurement make its numbers suspect.
+BUSY_CORES = 0.25
+
+try:
+    _TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+except (AttributeError, ValueError, OSError):  # no sysconf: Windows
+    _TICKS_PER_SECOND = 100
+
+
+def _busy_seconds():
+    """CPU seconds the whole machine has been busy since boot (all cores), or None.
+
+    From /proc/stat: everything but idle and iowait, so time the hypervisor stole for other
+    machines counts as busy too. None where there is no /proc/stat.
+    """
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(value) for value in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    if len(ticks) < 8:
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / _TICKS_PER_SECOND
+
+
+class OtherLoad:
+    """Context manager: how many cores other processes kept busy while it was open.
+
+    The machine's busy time minus this process's own CPU time, over the wall time: while a
+    measurement runs, its own threads are not counted. ``cores`` stays None without
+    /proc/stat, or when open for less than 0.2 s.
+
+    Why it matters: every thread of an OpenMP team must run to pass a barrier, so with the
+    cores oversubscribed a multi-threaded call can wait a scheduler time slice per parallel
+    region; medians do not remove load that lasts a whole measurement.
+    """
+
+    cores = None
+
+    def __enter__(self):
+        self._start = (_busy_seconds(), time.process_time(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc_info):
+        busy_start, own_start, wall_start = self._start
+        busy, own, wall = _busy_seconds(), time.process_time(), time.perf_counter()
+        # /proc/stat counts in ticks of 10 ms: shorter spans say too little.
+        if busy is not None and busy_start is not None and wall - wall_start >= 0.2:
+            others = (busy - busy_start) - (own - own_start)
+            self.cores = max(others, 0.0) / (wall - wall_start)
+        return False
+
+
+def background_load(seconds):
+    """Cores other processes keep busy, measured while this one sleeps ``seconds``; or None."""
+    with OtherLoad() as load:
+        time.sleep(seconds)
+    return load.cores
+
+
+def wait_for_idle(max_wait_s, probe_s=0.25):
+    """Sleeps until other processes leave the cores idle or for ``max_wait_s``; returns the wait."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < max_wait_s:
+        load = background_load(probe_s)
+        if load is None or load < BUSY_CORES:
+            break
+    return time.perf_counter() - started
+
+
 # --------------------------------------------------------------------------- runs
 
 
@@ -499,6 +571,7 @@ class Result:
     threads: int
     medians: dict
     rounds: int
+    other_load: float = None  # cores other processes kept busy meanwhile (OtherLoad)
     fastbn_layer: bool = False
 
     @property
@@ -515,6 +588,7 @@ class ScalingResult:
     op: str
     medians: dict  # thread count -> ns
     rounds: int
+    other_load: float = None
 
 
 @dataclass
@@ -525,8 +599,6 @@ class Report:
     torch_version: str = None
     torch_note: str = None
     started: datetime.datetime = None
-    load_before: float = None  # cores other processes kept busy just before the run (Linux)
-    load_after: float = None  # and just after it
     waited_s: float = 0.0  # waiting for idle cores (wait_idle_s)
     seconds: float = 0.0
 
@@ -554,8 +626,6 @@ def run(cases, *, ops=OPS, threads=None, use_torch=True, rounds=None, budget_s=8
     initial_threads = fastbn.get_num_threads()
     threads = list(threads or [initial_threads])
     report = Report(threads=tuple(threads), started=datetime.datetime.now().astimezone())
-    probe_s = 0.1 if quick else 0.5
-    report.load_before = background_load(probe_s)
     torch = None
     if use_torch:
         torch, report.torch_note = import_torch()
@@ -579,18 +649,14 @@ def run(cases, *, ops=OPS, threads=None, use_torch=True, rounds=None, budget_s=8
     inputs_cache = {}
     try:
         for index, (kind, n, case, op) in enumerate(jobs):
-            if wait_idle_s > 0:
-                report.waited_s += wait_for_idle(wait_idle_s)
-            remaining_s = budget_s - (time.perf_counter() - started - report.waited_s)
-            job_budget_s = max(remaining_s, 0.0) / (len(jobs) - index)
             if case not in inputs_cache:
                 inputs_cache.clear()  # keep one case's arrays alive at a time
                 inputs_cache[case] = Inputs.make(case)
             inputs = inputs_cache[case]
-            label = f"{case.name} {case.dtype} {OP_TITLES[op]}"
+            label = f"[{index + 1}/{len(jobs)}] {case.name} {case.dtype} {OP_TITLES[op]}"
+            setup, layer = None, None
             if kind == "compare":
-                if progress:
-                    progress(f"[{index + 1}/{len(jobs)}] {label}, {n} thread(s)")
+                label += f", {_threads_phrase(n)}"
                 fastbn.set_num_threads(n)
                 if torch is not None:
                     torch.set_num_threads(n)
@@ -598,21 +664,38 @@ def run(cases, *, ops=OPS, threads=None, use_torch=True, rounds=None, budget_s=8
                     pools[n] = concurrent.futures.ThreadPoolExecutor(n)
                 layer = _fastbn_layer(case, inputs) if op == "eval" and case.single else None
                 calls = contenders(case, op, inputs, n, torch, pools.get(n), layer)
-                no_grad = torch.no_grad() if torch is not None else contextlib.nullcontext()
-                with no_grad:
-                    medians, done = measure(calls, budget_s=job_budget_s, rounds=rounds,
-                                            **measure_options)
-                report.results.append(Result(case, op, n, medians, done, layer is not None))
             else:
-                if progress:
-                    progress(f"[{index + 1}/{len(jobs)}] {label}, fastbn at "
-                             + " vs ".join(map(str, scaling_threads)) + " threads")
+                label += ", fastbn at " + " vs ".join(map(str, scaling_threads)) + " threads"
                 call = fastbn_call(case, op, inputs)
-                calls = {n: call for n in scaling_threads}
-                setup = {n: (lambda n=n: fastbn.set_num_threads(n)) for n in scaling_threads}
-                medians, done = measure(calls, budget_s=job_budget_s, rounds=rounds,
-                                        setup=setup, **measure_options)
-                report.scaling.append(ScalingResult(case, op, medians, done))
+                calls = {count: call for count in scaling_threads}
+                setup = {count: (lambda c=count: fastbn.set_num_threads(c))
+                         for count in scaling_threads}
+
+            # With wait_idle_s, a measurement that other processes disturbed is taken again
+            # (twice at most); the least disturbed one is kept.
+            kept = None
+            for attempt in range(3 if wait_idle_s > 0 else 1):
+                if wait_idle_s > 0:
+                    report.waited_s += wait_for_idle(wait_idle_s)
+                if progress:
+                    progress(label + (f" (again: {kept[2]:.1f} busy cores)" if attempt else ""))
+                remaining_s = budget_s - (time.perf_counter() - started - report.waited_s)
+                job_budget_s = max(remaining_s, 0.0) / (len(jobs) - index)
+                no_grad = torch.no_grad() if torch is not None else contextlib.nullcontext()
+                with no_grad, OtherLoad() as load:
+                    medians, done = measure(calls, budget_s=job_budget_s, rounds=rounds,
+                                            setup=setup, **measure_options)
+                if kept is None or (load.cores or 0.0) < kept[2]:
+                    kept = (medians, done, load.cores or 0.0, load.cores)
+                if load.cores is None or load.cores < BUSY_CORES:
+                    break
+            medians, done, _, other_load = kept
+            if kind == "compare":
+                report.results.append(
+                    Result(case, op, n, medians, done, other_load, layer is not None)
+                )
+            else:
+                report.scaling.append(ScalingResult(case, op, medians, done, other_load))
     finally:
         for pool in pools.values():
             pool.shutdown()
@@ -621,7 +704,6 @@ def run(cases, *, ops=OPS, threads=None, use_torch=True, rounds=None, budget_s=8
             fastbn.set_num_threads(initial_threads)
         if torch is not None:
             torch.set_num_threads(initial_torch_threads)
-    report.load_after = background_load(probe_s)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -650,60 +732,6 @@ def machine_description():
     model = model or platform.processor() or platform.machine() or "unknown CPU"
     cores = _cores()
     return f"{model}, {cores} core{'s' if cores != 1 else ''}"
-
-
-def background_load(seconds):
-    """How many cores other processes keep busy, measured while this one sleeps.
-
-    From the idle time in /proc/stat over ``seconds``; None where there is no /proc/stat.
-    """
-
-    def idle_and_total():
-        with open("/proc/stat") as stat:
-            ticks = [int(value) for value in stat.readline().split()[1:9]]
-        return ticks[3] + ticks[4], sum(ticks)  # idle + iowait; guest time is inside user
-
-    try:
-        idle_start, total_start = idle_and_total()
-        time.sleep(seconds)
-        idle_end, total_end = idle_and_total()
-    except (OSError, ValueError, IndexError):
-        return None
-    if total_end <= total_start:
-        return None
-    busy = 1 - (idle_end - idle_start) / (total_end - total_start)
-    return max(busy, 0.0) * (os.cpu_count() or 1)
-
-
-#: Other processes busier than this (in cores) make the run's numbers suspect.
-BUSY_CORES = 0.25
-
-
-def wait_for_idle(max_wait_s, probe_s=0.25):
-    """Sleeps until other processes leave the cores idle or for ``max_wait_s``; returns the wait."""
-    started = time.perf_counter()
-    while time.perf_counter() - started < max_wait_s:
-        load = background_load(probe_s)
-        if load is None or load < BUSY_CORES:
-            break
-    return time.perf_counter() - started
-
-
-def busy_warning(report):
-    """A warning when other processes kept the cores busy around the run, else None.
-
-    Every thread of an OpenMP team must run to pass a barrier, so with the cores
-    oversubscribed a multi-threaded call can wait a scheduler time slice (milliseconds) per
-    parallel region. Medians do not remove load that lasts the whole run.
-    """
-    loads = [load for load in (report.load_before, report.load_after) if load is not None]
-    if not loads or max(loads) < BUSY_CORES:
-        return None
-    return (
-        f"Warning: other processes kept {max(loads):.1f} of {os.cpu_count()} cores busy around "
-        "this run. Multi-threaded timings suffer most; rerun on an idle machine for numbers "
-        "to publish."
-    )
 
 
 def _microseconds(ns):
@@ -735,6 +763,24 @@ def header(report):
     )
 
 
+def _busy_mark(result):
+    return " †" if result.other_load is not None and result.other_load >= BUSY_CORES else ""
+
+
+def busy_warning(report):
+    """A warning when other processes disturbed some measurements, else None."""
+    measured = report.results + report.scaling
+    busy = [r.other_load for r in measured if _busy_mark(r)]
+    if not busy:
+        return None
+    return (
+        f"Warning: other processes kept up to {max(busy):.1f} of {os.cpu_count()} cores busy"
+        f" during {len(busy)} of {len(measured)} measurements (marked †). Multi-threaded"
+        " timings suffer most; rerun on an idle machine (or with --wait-idle) for numbers to"
+        " publish."
+    )
+
+
 def _result_rows(report):
     torch_used = report.torch_version is not None
     multi_threads = len(set(report.threads)) > 1
@@ -753,6 +799,7 @@ def _result_rows(report):
                 op += " vs F.batch_norm"
             elif result.fastbn_layer:
                 op += " (layer)"
+            op += _busy_mark(result)
             row = [case.name, case.layout, case.dtype, op]
             if multi_threads:
                 row.append(str(result.threads))
@@ -774,7 +821,8 @@ def _scaling_rows(report):
     columns.append(f"speedup {counts[0]}→{counts[-1]}" if counts else "speedup")
     rows = []
     for result in report.scaling:
-        row = [result.case.name, result.case.layout, result.case.dtype, OP_TITLES[result.op]]
+        op = OP_TITLES[result.op] + _busy_mark(result)
+        row = [result.case.name, result.case.layout, result.case.dtype, op]
         row += [_microseconds(result.medians[n]) for n in counts]
         row.append(_ratio(result.medians[counts[0]], result.medians[counts[-1]]))
         rows.append(row)
@@ -816,10 +864,11 @@ def _footnote(report):
     ]
     if report.waited_s > 0:
         notes.append(f"Waited {report.waited_s:.0f} s in all for idle cores between measurements.")
-    if report.load_before is not None and report.load_after is not None:
+    loads = [r.other_load for r in report.results + report.scaling if r.other_load is not None]
+    if loads:
         notes.append(
-            f"Other processes kept {report.load_before:.2f} cores busy just before the run and"
-            f" {report.load_after:.2f} just after."
+            f"Other processes kept {statistics.mean(loads):.2f} cores busy on average during"
+            f" the measurements (at most {max(loads):.2f})."
         )
     if report.torch_version:
         notes.append(
