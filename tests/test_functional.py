@@ -9,8 +9,9 @@ unaligned input, and channels whose variance is zero.
 Tolerances are ``factor * eps(dtype) * scale`` (conftest.assert_close):
 - elementwise outputs (y, grad_x): FORWARD_FACTOR, relative to the largest value: each
   value is a handful of rounded operations (subtract, multiply, add) on rounded constants;
-- per-channel statistics (mean, invstd, running stats): STATISTIC_FACTOR, elementwise
-  relative: accumulated in float64, then rounded once or twice to the dtype;
+- per-channel statistics (mean, invstd, running stats): STATISTIC_FACTOR, relative to
+  their own size (rounded once or twice to the dtype) plus the typical error of a float64
+  sum of M terms, sqrt(M) * eps(float64), relative to mean|x| (conftest.accumulation);
 - per-channel sums (grad_weight, grad_bias): SUM_FACTOR, relative to the sum of the
   absolute values of the terms, the condition of a sum.
 """

@@ -6,6 +6,8 @@ std; that is the data the variance is computed of). Every reference is float64, 
 from the same float32 values cast to float64 (reference.batch_moments: two-pass, refined
 mean), so the only error measured is fastbn's.
 
+A float64 counterpart checks the variance of float64 data against its condition number.
+
 Layouts: (N, C) with axis=1 (inner == 1, rows of channels) and (N, C, L) with large L
 (inner > 1, runs), each in a shape the kernels split by channel and one they split by
 position (with partial moments merged across threads), all >= 64K values.
@@ -132,6 +134,24 @@ def test_backward_at_large_offsets(shape, ratio):
     )
     assert_close(grad_bias, expected_bias, factor=8, scale=np.abs(dy).sum(axis=1), what="grad_bias")
     assert_close(grad_x, expected_x, factor=OUTPUT_FACTOR, what="grad_x")
+
+
+@layouts
+@ratios
+def test_float64_variance_within_its_condition_number(shape, ratio):
+    """float64 data: the variance's relative error stays below kappa * eps(float64), where
+    kappa = |mean| / std = ratio is the condition number of the variance (Chan, Golub and
+    LeVeque): the accuracy of a stable algorithm. E[x**2] - E[x]**2 in double would be off
+    by about ratio**2 * eps (1e-2 at ratio 1e7)."""
+    x = _offset_data(shape, ratio).astype(np.float64)
+    x += np.random.default_rng(2).standard_normal(shape) * 1e-3  # use float64's precision
+    _, expected_var, _ = reference.batch_moments(x)
+
+    _, _, invstd = fastbn.batch_norm_train(x, eps=0.0)
+
+    error = _relative_error(1.0 / invstd**2, expected_var)
+    bound = ratio * np.finfo(np.float64).eps
+    assert error <= bound, f"relative error of the variance: {error:.3g} > {bound:.3g}"
 
 
 def test_pytorch_float32_variance_error_is_much_larger():
