@@ -47,7 +47,7 @@ with warnings.catch_warnings():
     except ImportError:
         pass
 
-settings.register_profile("ci", max_examples=50, deadline=None, print_blob=True)
+settings.register_profile("ci", max_examples=100, deadline=None, print_blob=True)
 settings.register_profile("thorough", max_examples=2000, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
