@@ -1,21 +1,23 @@
-"""``python -m fastbn demo``: batch normalization on real data, with and without.
+"""Demo: a small network on real data, trained with fastbn.BatchNorm and without.
 
-Trains two small NumPy networks on scikit-learn's bundled handwritten digits (8x8 images,
-10 classes, no download), side by side on the same mini-batches from the same initial
-weights: one with :class:`fastbn.BatchNorm` layers,
+Run ``python -m fastbn demo`` (``--help`` for the options). It trains two small NumPy
+networks on scikit-learn's bundled handwritten digits (8x8 images, 10 classes, no download),
+side by side on the same mini-batches from the same initial weights: one with
+:class:`fastbn.BatchNorm` layers,
 
     Linear -> BatchNorm -> ReLU -> Linear -> BatchNorm -> ReLU -> Linear -> softmax
 
-and one without. The learning rate is high enough that the plain network trains worse,
-which batch normalization tolerates. Then the batch-norm network, in eval mode, classifies
-the test set one example at a time, as an inference service would; the predictions must
-equal batched eval exactly.
+and one without. The default learning rate is high enough that the network without batch
+norm trains badly, while the one with it does not (at a low rate both train well). Then the
+batch-norm network, in eval mode, classifies the test set one example at a time, as an
+inference service would; the predictions must equal batched eval exactly.
 
 Needs the ``demo`` extras: ``pip install "fastbn[demo]"`` (scikit-learn, matplotlib, tqdm).
 Everything else is NumPy: the layers, their manual backward passes, plain SGD with momentum.
 """
 
 import importlib
+import itertools
 import math
 import os
 import time
@@ -108,7 +110,7 @@ class MLP:
 
     def __init__(self, sizes, *, batch_norm, rng, dtype=DTYPE):
         self.layers = []
-        for in_features, out_features in zip(sizes[:-2], sizes[1:-1]):
+        for in_features, out_features in itertools.pairwise(sizes[:-1]):
             self.layers.append(Linear(in_features, out_features, rng, dtype))
             if batch_norm:
                 self.layers.append(fastbn.BatchNorm(out_features, dtype=dtype))
@@ -174,7 +176,7 @@ class SGD:
         self._velocities = [np.zeros_like(getattr(layer, name)) for layer, name in self.parameters]
 
     def step(self):
-        for (layer, name), velocity in zip(self.parameters, self._velocities):
+        for (layer, name), velocity in zip(self.parameters, self._velocities, strict=True):
             velocity *= self.momentum
             velocity += getattr(layer, "grad_" + name)
             parameter = getattr(layer, name)
@@ -185,8 +187,8 @@ class SGD:
 
 
 @dataclass
-class Run:
-    """One network in training, its optimizer and its curves (one value per epoch)."""
+class Network:
+    """A model in training: its optimizer and its curves (one value per epoch)."""
 
     name: str
     model: MLP
@@ -246,8 +248,8 @@ def mini_batches(n, rng, batch_size=BATCH_SIZE):
     return [order[start:start + batch_size] for start in range(0, n - batch_size + 1, batch_size)]
 
 
-def train(runs, data, *, epochs, rng, report):
-    """Train ``runs`` side by side on the same mini-batches, ``report(epoch)`` after each epoch.
+def train(networks, data, *, epochs, rng, report):
+    """Train ``networks`` side by side on the same mini-batches; ``report(epoch)`` after each.
 
     A tqdm progress bar follows the mini-batches of each epoch (on a terminal only).
     """
@@ -257,10 +259,10 @@ def train(runs, data, *, epochs, rng, report):
         batches = mini_batches(len(x_train), rng)
         for indices in tqdm(batches, desc=f"epoch {epoch}/{epochs}", unit="batch",
                             leave=False, disable=None):
-            for run_ in runs:
-                run_.step(x_train[indices], labels_train[indices])
-        for run_ in runs:
-            run_.end_epoch(x_test, labels_test)
+            for network in networks:
+                network.step(x_train[indices], labels_train[indices])
+        for network in networks:
+            network.end_epoch(x_test, labels_test)
         report(epoch)
 
 
@@ -307,18 +309,18 @@ def batch_norm_one_at_a_time(model, x, repeats=5):
 # ---------------------------------------------------------------------------- output
 
 
-def save_plot(runs, path, lr):
+def save_plot(networks, path, lr):
     """Training loss and test accuracy per epoch of every run, as a PNG at ``path``."""
     figure_module = _import_extra("matplotlib.figure")
     ticker = _import_extra("matplotlib.ticker")
     # A bare Figure draws with Agg and touches no global pyplot state or backend.
     figure = figure_module.Figure(figsize=(10, 4), layout="constrained")
     loss_axes, accuracy_axes = figure.subplots(1, 2)
-    for run_ in runs:
-        epochs = range(1, len(run_.losses) + 1)
-        loss_axes.plot(epochs, run_.losses, marker=".", label=run_.name)
-        accuracy_axes.plot(epochs, [100 * a for a in run_.accuracies], marker=".",
-                           label=run_.name)
+    for network in networks:
+        epochs = range(1, len(network.losses) + 1)
+        loss_axes.plot(epochs, network.losses, marker=".", label=network.name)
+        accuracy_axes.plot(epochs, [100 * a for a in network.accuracies], marker=".",
+                           label=network.name)
     loss_axes.set(xlabel="epoch", ylabel="training loss (cross-entropy)", yscale="log",
                   title="Training loss")
     accuracy_axes.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
@@ -347,8 +349,8 @@ def _verdict(with_bn, without_bn):
         return (f"batch norm helps at this learning rate: +{difference:.1f} points of test "
                 f"accuracy\n(at a low one, such as --lr 0.02, both networks train well)")
     if difference <= -1:
-        return (f"batch norm does not help at this learning rate and seed: the network without "
-                f"it is {-difference:.1f} points more accurate")
+        return (f"batch norm does not help at this learning rate and seed: the network "
+                f"without it is {-difference:.1f} points more accurate")
     return "at this learning rate and seed both networks end within 1 point of each other"
 
 
@@ -382,20 +384,20 @@ def run(args):
     started = time.perf_counter()
     _check_extras(plot=not args.no_plot)
     data = load_digits(args.seed)
-    x_train, x_test, labels_train, labels_test = data
+    x_train, x_test, labels_train, _ = data
     sizes = (x_train.shape[1], *HIDDEN_FEATURES, int(labels_train.max()) + 1)
-    runs = []
+    networks = []
     for name, batch_norm in (("with BatchNorm", True), ("without BatchNorm", False)):
         model = MLP(sizes, batch_norm=batch_norm, rng=np.random.default_rng(args.seed))
-        runs.append(Run(name, model, SGD(model, args.lr)))
-    with_bn, without_bn = runs
+        networks.append(Network(name, model, SGD(model, args.lr)))
+    with_bn, without_bn = networks
 
     print(f"fastbn {fastbn.__version__} demo: scikit-learn digits, {len(x_train)} training and "
           f"{len(x_test)} test images of {x_train.shape[1]} pixels, 10 classes")
     print(f"MLP {' -> '.join(map(str, sizes))}, SGD lr {args.lr:g} momentum {MOMENTUM}, "
           f"batches of {BATCH_SIZE}, {args.epochs} epochs, seed {args.seed}")
     training_started = time.perf_counter()
-    _train_with_table(runs, data, epochs=args.epochs, seed=args.seed)
+    _train_with_table(networks, data, epochs=args.epochs, seed=args.seed)
     training_seconds = time.perf_counter() - training_started
 
     final_bn, final_plain = with_bn.accuracies[-1], without_bn.accuracies[-1]
@@ -411,7 +413,7 @@ def run(args):
 
     if not args.no_plot:
         path = os.path.abspath(PLOT_FILENAME)
-        save_plot(runs, path, args.lr)
+        save_plot(networks, path, args.lr)
         print(f"training curves: {path}")
 
     status = 0
@@ -426,22 +428,23 @@ def run(args):
     return status
 
 
-def _train_with_table(runs, data, *, epochs, seed):
+def _train_with_table(networks, data, *, epochs, seed):
     """:func:`train`, printing a table row per epoch: loss and test accuracy of each run."""
     tqdm = _import_extra("tqdm").tqdm
     print()
-    print(f"{'':>5}" + "".join(f"  {run_.name:^21}" for run_ in runs))
-    print(f"{'epoch':>5}" + f"  {'train loss':>10}  {'test acc':>9}" * len(runs))
+    print(f"{'':>5}" + "".join(f"  {network.name:^21}" for network in networks))
+    print(f"{'epoch':>5}" + f"  {'train loss':>10}  {'test acc':>9}" * len(networks))
 
     def report(epoch):
         tqdm.write(f"{epoch:>5}" + "".join(
-            f"  {_loss(run_.losses[-1]):>10}  {_percent(run_.accuracies[-1]):>9}" for run_ in runs
+            f"  {_loss(network.losses[-1]):>10}  {_percent(network.accuracies[-1]):>9}"
+            for network in networks
         ))
 
     # A network may diverge at a high learning rate; that shows in the table as a non-finite
     # loss, not as floating-point warnings on the way there.
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        train(runs, data, epochs=epochs, rng=np.random.default_rng(seed), report=report)
+        train(networks, data, epochs=epochs, rng=np.random.default_rng(seed), report=report)
 
 
 def _report_one_at_a_time(model, x):
@@ -455,8 +458,8 @@ def _report_one_at_a_time(model, x):
     bn_seconds, bn_identical = batch_norm_one_at_a_time(model, x)
     print(f"eval mode, one test image at a time (a 1-D array of {x.shape[1]} features):")
     print(f"  predictions: {len(x) - mismatches} of {len(x)} equal batched eval")
-    print(f"  latency: {1e6 * seconds_per_example:.1f} µs per example through the whole network, "
-          f"{1e6 * bn_seconds:.1f} µs per BatchNorm call")
-    print("  BatchNorm outputs: "
-          + ("bit-identical to batched eval" if bn_identical else "NOT bit-identical to batched eval"))
+    print(f"  latency: {1e6 * seconds_per_example:.1f} µs per example through the whole "
+          f"network, {1e6 * bn_seconds:.1f} µs per BatchNorm call")
+    identical = "bit-identical" if bn_identical else "NOT bit-identical"
+    print(f"  BatchNorm outputs: {identical} to batched eval")
     return mismatches

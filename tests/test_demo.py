@@ -83,11 +83,11 @@ def trained():
     """A batch-norm network trained for two epochs, and the test images."""
     require_extras(plot=False)
     data = demo.load_digits(seed=1)
-    x_train, x_test, labels_train, _ = data
+    x_train, x_test, _, _ = data
     model = demo.MLP((x_train.shape[1], 32, 32, 10), batch_norm=True,
                      rng=np.random.default_rng(1))
-    run = demo.Run("with BatchNorm", model, demo.SGD(model, lr=0.1))
-    demo.train([run], data, epochs=2, rng=np.random.default_rng(1), report=lambda epoch: None)
+    network = demo.Network("with BatchNorm", model, demo.SGD(model, lr=0.1))
+    demo.train([network], data, epochs=2, rng=np.random.default_rng(1), report=lambda epoch: None)
     return model, x_test
 
 
