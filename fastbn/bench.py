@@ -302,6 +302,8 @@ def _fastbn_layer(case, inputs):
         return None
     try:
         layer = layer_class(case.channels, axis=case.axis, dtype=np.dtype(case.dtype))
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(layer, name)[...] = getattr(inputs, name)  # the functional API's numbers
         layer.eval()
         layer(inputs.x)
     except Exception:  # a layer this module cannot drive: time the functional API instead
