@@ -14,7 +14,7 @@ def build_parser():
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    from fastbn import bench
+    from fastbn import bench, demo
 
     bench_parser = commands.add_parser(
         "bench",
@@ -23,6 +23,14 @@ def build_parser():
     )
     bench.add_arguments(bench_parser)
     bench_parser.set_defaults(handler=bench.run_from_args)
+
+    demo_parser = commands.add_parser(
+        "demo",
+        help="train a small network on the digits with and without BatchNorm",
+        description=demo.__doc__.split("\n\n")[0],
+    )
+    demo.add_arguments(demo_parser)
+    demo_parser.set_defaults(handler=demo.run)
     return parser
 
 

@@ -10,14 +10,16 @@ import fastbn
 from fastbn import bench
 
 
-def run_cli(*args):
+def run_cli(*args, cwd):
+    # Outside the source tree: `python -m` puts the working directory first on sys.path.
     return subprocess.run(
-        [sys.executable, "-m", "fastbn", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "fastbn", *args],
+        capture_output=True, text=True, timeout=120, cwd=cwd,
     )
 
 
-def test_quick_bench_prints_a_table():
-    result = run_cli("bench", "--quick", "--no-torch", "--quiet")
+def test_quick_bench_prints_a_table(tmp_path):
+    result = run_cli("bench", "--quick", "--no-torch", "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"fastbn {fastbn.__version__}")
@@ -54,9 +56,11 @@ def test_bench_leaves_thread_count_alone():
     assert fastbn.get_num_threads() == before
 
 
-def test_importing_bench_does_not_import_torch():
+def test_importing_bench_does_not_import_torch(tmp_path):
     code = "import sys, fastbn.bench; print('torch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
     assert result.stdout.strip() == "False", result.stderr
 
 
@@ -66,8 +70,8 @@ def test_bad_shape_is_a_clear_error(spec):
         bench.parse_case(spec)
 
 
-def test_bad_shape_on_the_command_line():
-    result = run_cli("bench", "--shapes", "32x64,32x", "--no-torch")
+def test_bad_shape_on_the_command_line(tmp_path):
+    result = run_cli("bench", "--shapes", "32x64,32x", "--no-torch", cwd=tmp_path)
     assert result.returncode != 0
     assert "bad shape '32x'" in result.stderr and "Traceback" not in result.stderr
 
