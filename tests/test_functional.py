@@ -86,12 +86,44 @@ def check_running_stats(case, x, running_mean, running_var, old_mean, old_var, m
         + momentum * (np.abs(batch_mean) + summation * magnitude),
         what=f"running_mean {case.id}",
     )
+    # tiny: a variance below the smallest normal number is stored with an absolute error
+    # of up to half the smallest subnormal, eps * tiny / 2.
     assert_close(
         running_var,
         expected_var,
         factor=STATISTIC_FACTOR,
-        scale=expected_var * (1 + summation),
+        scale=expected_var * (1 + summation) + np.finfo(case.dtype).tiny,
         what=f"running_var {case.id}",
+    )
+
+
+def check_moments(case, x):
+    """fastbn.moments against the reference: count exact; mean and m2 in float64, the mean
+    within the rounding of a float64 sum of M terms (relative to mean|x|), m2 within the
+    same relative to m2 times 1 + |mean| / std, the condition number of the variance."""
+    expected_mean, expected_var, count = reference.batch_moments(x, case.axis)
+    expected_m2 = expected_var * count
+    got = fastbn.moments(x, axis=case.axis)
+    for name in ("count", "mean", "m2"):
+        value = getattr(got, name)
+        assert value.dtype == np.float64 and value.shape == (case.channels,), name
+    np.testing.assert_array_equal(got.count, float(count), err_msg=f"count {case.id}")
+    summation = 1 + accumulation(np.float64, count)
+    magnitude = np.abs(reference.as_channel_rows(x, case.axis)).mean(axis=1)
+    assert_close(
+        got.mean,
+        expected_mean,
+        factor=STATISTIC_FACTOR,
+        scale=np.abs(expected_mean) + summation * magnitude,
+        what=f"moments mean {case.id}",
+    )
+    condition_times_m2 = expected_m2 + np.sqrt(expected_m2 * count) * np.abs(expected_mean)
+    assert_close(
+        got.m2,
+        expected_m2,
+        factor=STATISTIC_FACTOR,
+        scale=summation * condition_times_m2,
+        what=f"moments m2 {case.id}",
     )
 
 
@@ -257,18 +289,64 @@ def _random_cases(draw):
     return Case(dtype, tuple(shape), axis, order)
 
 
-@given(case=_random_cases(), seed=st.integers(0, 2**32 - 1), affine=st.booleans())
-def test_random_layouts_match_reference(case, seed, affine):
-    """Any rank, any axis, any small size, any order: every function in every mode."""
+#: Value magnitudes of the property test: 10**k, k from -30 to 30. Every value stays finite
+#: in both dtypes; for float32, the variance of data above ~1e19 is not (see
+#: test_reliability.py's overflow test), and below ~1e-19 it is subnormal or 0.
+LOG10_MAGNITUDES = st.floats(-30.0, 30.0)
+
+#: Known bug (test_reliability.py, xfail): the float32 training backward pass loses
+#: accuracy for data of magnitude above ~1e19, where its coefficient weight * invstd**2 *
+#: mean(dy * (x - mean)) is stored as float32 and underflows. Not checked above this here.
+BACKWARD_K_X_UNDERFLOWS = 1e19
+
+
+def _scaled_running_stats(case, rng, magnitude):
+    """Running statistics for data of this magnitude: mean ~ magnitude, variance ~
+    magnitude**2, capped below the dtype's largest value (rounded to 0 when it underflows)."""
+    running_mean = (case.per_channel(rng).astype(np.float64) * magnitude).astype(case.dtype)
+    variance = rng.uniform(0.5, 2.0, case.channels) * magnitude**2
+    running_var = np.minimum(variance, np.finfo(case.dtype).max / 4).astype(case.dtype)
+    return running_mean, running_var
+
+
+@given(
+    case=_random_cases(),
+    seed=st.integers(0, 2**32 - 1),
+    affine=st.booleans(),
+    log10_magnitude=LOG10_MAGNITUDES,
+)
+def test_random_layouts_match_reference(case, seed, affine, log10_magnitude):
+    """Any rank, any axis, any small size (size-1 axes too), any memory order, either dtype,
+    values of any magnitude from 1e-30 to 1e30: every function in every mode, and moments.
+
+    grad_out stays of order 1: the gradients scale with 1 / magnitude, and their products
+    with magnitude-sized values would leave float32's range for reasons of the test's own.
+    """
     rng = np.random.default_rng(seed)
-    x = case.array(rng)
+    magnitude = 10.0**log10_magnitude
+    channels = case.channels
+    x = case.array(
+        rng,
+        loc=rng.uniform(-3.0, 3.0, channels) * magnitude,
+        scale=rng.uniform(0.5, 2.0, channels) * magnitude,
+    )
+    assert np.all(np.isfinite(x))
     weight = case.per_channel(rng) if affine else None
     bias = case.per_channel(rng) if affine else None
-    running_mean, running_var = _running_stats(case, rng)
+    running_mean, running_var = _scaled_running_stats(case, rng, magnitude)
     grad_out = in_order(rng.standard_normal(case.shape).astype(case.dtype), case.order)
-    _check_everything(case, x, weight, bias, running_mean, running_var, grad_out)
+    known_bug = case.dtype == np.float32 and magnitude > BACKWARD_K_X_UNDERFLOWS
+    _check_everything(
+        case, x, weight, bias, running_mean, running_var, grad_out,
+        check_training_backward=not known_bug,
+    )
 
     old_mean, old_var = running_mean.copy(), running_var.copy()
+    _, expected_var = reference.updated_running_stats(
+        x, old_mean, old_var, momentum=MOMENTUM, axis=case.axis
+    )
+    if np.max(expected_var) > np.finfo(case.dtype).max:
+        return  # the updated running variance overflows the dtype: test_reliability.py
     y = fastbn.batch_norm(
         x,
         running_mean,
@@ -478,9 +556,11 @@ def test_out_overlapping_x_gives_the_result_for_the_original_x(function, dtype, 
 # ----------------------------------------------------------- what inputs may be
 
 
-def _check_everything(case, x, weight, bias, running_mean, running_var, grad_out):
-    """Calls every function (running stats in eval mode only, so they are not updated) and
-    checks each against the reference."""
+def _check_everything(
+    case, x, weight, bias, running_mean, running_var, grad_out, check_training_backward=True
+):
+    """Calls every function (running stats in eval mode only, so they are not updated), and
+    fastbn.moments, and checks each against the reference."""
     axis = case.axis
     y, mean, invstd = fastbn.batch_norm_train(x, weight, bias, axis=axis)
     expected_y = reference.forward_train(x, weight, bias, axis=axis)[0]
@@ -497,8 +577,12 @@ def _check_everything(case, x, weight, bias, running_mean, running_var, grad_out
         got = fastbn.batch_norm_backward(
             grad_out, x, mean, invstd, weight, training=training, axis=axis
         )
+        if training and not check_training_backward:
+            continue
         expected = backward(grad_out, x, mean, invstd, weight, axis=axis)
         _assert_gradients_match(case, got, expected, grad_out, x, mean, invstd, weight, training)
+
+    check_moments(case, x)
 
 
 INPUT_CASES = cases((((4, 3, 5), 1), ((7, 3), 1), ((2, 3, 4, 5), -1)))
