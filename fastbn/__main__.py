@@ -14,7 +14,7 @@ def build_parser():
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    from fastbn import bench, demo
+    from fastbn import bench, demo, info
 
     bench_parser = commands.add_parser(
         "bench",
@@ -31,6 +31,14 @@ def build_parser():
     )
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(handler=demo.run)
+
+    info_parser = commands.add_parser(
+        "info",
+        help="show the versions, OpenMP threads, SIMD level and build flags",
+        description=info.__doc__.split("\n\n")[0],
+    )
+    info.add_arguments(info_parser)
+    info_parser.set_defaults(handler=info.run)
     return parser
 
 
