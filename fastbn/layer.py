@@ -7,10 +7,12 @@ train/eval modes, PyTorch's running-statistics rules, the context of the last fo
 for :meth:`BatchNorm.backward`, persistence, and a lock that serializes training calls.
 """
 
+import importlib
 import json
 import math
 import numbers
 import operator
+import sys
 import threading
 from collections import namedtuple
 from collections.abc import Mapping
@@ -33,11 +35,14 @@ _SAVE_FORMAT = 1
 _CONFIG_KEY = "__config__"
 
 
-class _Context(namedtuple("_Context", ["x", "mean", "invstd", "training"])):
+class _Context(namedtuple("_Context", ["x", "mean", "invstd", "training", "synchronized"],
+                          defaults=(False,))):
     """What backward needs from a forward call: x and the statistics it was normalized with.
 
     ``training`` is true when mean and invstd are the batch's own statistics (functions of
     x, so their gradient counts), false when they were constants (eval mode).
+    ``synchronized`` is true when they are the statistics of a global batch spread over
+    several processes (SyncBatchNorm), whose backward pass reduces across them too.
     An eval forward with the plain running statistics, the hot path, stores x alone
     instead: backward derives the constants from the running statistics then.
     """
@@ -274,22 +279,34 @@ class BatchNorm:
             update = self.training and self.running_mean is not None
             if update:
                 self._check_statistics_writable()
-            y, mean, var = _train_forward(batch_x, self.weight, self.bias, self.eps,
-                                          axis=self.axis, out=batch_out)
+            y, mean, var, count, synchronized = self._normalize_with_batch_statistics(
+                batch_x, batch_out)
             if update:
-                self._update_running_statistics(batch_x, mean, var)
+                self._update_running_statistics(count, mean, var)
             if batch_out is not None and np.may_share_memory(batch_out, batch_x):
                 self._context = _OVERWRITTEN
             else:
-                self._context = _Context(x, mean.astype(self.dtype), self._invstd(var), True)
+                self._context = _Context(x, mean.astype(self.dtype), self._invstd(var), True,
+                                         synchronized)
             return y
 
-    def _update_running_statistics(self, batch_x, mean, var):
-        """PyTorch's update from the batch's float64 mean and biased variance, computed in
-        float64 and stored in the layer's dtype."""
+    def _normalize_with_batch_statistics(self, batch_x, batch_out):
+        """Normalize a batch with batch statistics, under the lock.
+
+        Returns (y, mean, var, count, synchronized): the float64 mean and biased variance
+        y was normalized with, the number of values per channel they are over, and whether
+        they are a global batch's (see :meth:`_synchronized_backward`). A hook:
+        SyncBatchNorm returns the statistics of the batch of all its processes.
+        """
+        y, mean, var = _train_forward(batch_x, self.weight, self.bias, self.eps,
+                                      axis=self.axis, out=batch_out)
+        return y, mean, var, batch_x.size // self.num_features, False
+
+    def _update_running_statistics(self, count, mean, var):
+        """PyTorch's update from a batch's float64 mean and biased variance over count
+        values per channel, computed in float64 and stored in the layer's dtype."""
         tracked = int(self.num_batches_tracked) + 1
         factor = 1.0 / tracked if self.momentum is None else self.momentum
-        count = batch_x.size // self.num_features
         unbiased_var = var * (count / (count - 1))
         kept = 1.0 - factor
         self.running_mean[...] = (self.running_mean.astype(np.float64) * kept
@@ -437,9 +454,9 @@ class BatchNorm:
                     "input (out=x), so x is gone; call forward without out=x to backpropagate"
                 )
             if type(context) is _Context:
-                x, mean, invstd, training = context
+                x, mean, invstd, training, synchronized = context
             else:  # eval forward with the plain running statistics
-                x, mean, training = context, self.running_mean, False
+                x, mean, training, synchronized = context, self.running_mean, False, False
                 invstd = self._invstd(self.running_var)
             if not isinstance(grad_out, np.ndarray):
                 raise TypeError(f"grad_out must be a numpy.ndarray, got {type(grad_out).__name__}")
@@ -456,12 +473,22 @@ class BatchNorm:
             one_example = x.ndim == 1
             if one_example:
                 x, grad_out = x[np.newaxis], grad_out[np.newaxis]
-            grad_x, grad_weight, grad_bias = _batch_norm_backward(
-                grad_out, x, mean, invstd, self.weight, training=training, axis=self.axis
-            )
+            if synchronized:
+                grad_x, grad_weight, grad_bias = self._synchronized_backward(
+                    grad_out, x, mean, invstd)
+            else:
+                grad_x, grad_weight, grad_bias = _batch_norm_backward(
+                    grad_out, x, mean, invstd, self.weight, training=training, axis=self.axis
+                )
             self.grad_weight = grad_weight if self.affine else None
             self.grad_bias = grad_bias if self.affine else None
         return grad_x[0] if one_example else grad_x
+
+    def _synchronized_backward(self, grad_out, x, mean, invstd):
+        """(grad_x, grad_weight, grad_bias) after a forward with a global batch's statistics,
+        under the lock. A hook for SyncBatchNorm, the only layer whose
+        :meth:`_normalize_with_batch_statistics` returns such statistics."""
+        raise NotImplementedError(f"{type(self).__name__} has no synchronized backward pass")
 
     # ------------------------------------------------------------ statistics
 
@@ -470,10 +497,13 @@ class BatchNorm:
 
         Parameters
         ----------
-        batches : iterable of numpy.ndarray
+        batches : iterable of numpy.ndarray, or a Dask array
             The data, streamed in batches (e.g. a generator over the training set), each
             shaped as :meth:`forward` takes it, float32 or float64. Batches may have any
             size, one example included, as long as there are two values per channel in all.
+            A Dask array (``dask.array.Array``, shaped as :meth:`forward` takes a batch) is
+            the whole data set: its chunks are reduced by :func:`fastbn.dask.moments`, out
+            of core.
 
         Returns
         -------
@@ -486,15 +516,25 @@ class BatchNorm:
         Until the next training step, debias leaves these exact statistics alone.
         On any error nothing is changed.
         """
+        self._set_population_statistics(self._data_moments(batches))
+        return self
+
+    def _data_moments(self, batches):
+        """The Moments of all the data :meth:`recalibrate` is given, after checks."""
         if self.running_mean is None:
             raise ValueError("recalibrate() sets running statistics, but this layer has none "
                              "(track_running_stats=False)")
+        if _is_dask_array(batches):
+            return self._dask_moments(batches)
         if isinstance(batches, np.ndarray):
             raise TypeError("batches must be an iterable of arrays (a list, a generator); "
                             "to recalibrate on one array x, pass [x]")
         total = Moments.empty(self.num_features)
         for index, batch in enumerate(batches):  # a stream: one batch in memory at a time
             total = total.merge(self._moments(batch, f"batch {index}"))
+        return total
+
+    def _set_population_statistics(self, total):
         count = int(total.count[0])
         if count < 2:
             raise ValueError(
@@ -505,7 +545,20 @@ class BatchNorm:
             self.running_mean[...] = total.mean
             self.running_var[...] = total.unbiased_var
             self._statistics_exact = True
-        return self
+
+    def _dask_moments(self, array):
+        if array.dtype not in (np.float32, np.float64):
+            raise TypeError(f"the Dask array must have dtype float32 or float64, got {array.dtype}")
+        if array.ndim < 2:
+            raise ValueError(f"a Dask array is the whole data set, of shape (N, channels, ...), "
+                             f"got shape {array.shape}")
+        try:
+            self._check_batch_shape(array)
+        except ValueError as error:
+            raise ValueError(f"the Dask array: {error}") from None
+        # Dask is optional: fastbn.dask is loaded on use, and dynamically, so that neither
+        # importing nor type-checking this module involves it.
+        return importlib.import_module("fastbn.dask").moments(array, axis=self.axis)
 
     def _moments(self, batch, name):
         """The Moments of one batch, after checks that name the batch."""
@@ -686,14 +739,23 @@ class BatchNorm:
         self._lock = threading.Lock()
 
     def __repr__(self):
-        text = (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-                f"axis={self.axis}")
+        text = (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}, axis={self.axis}")
         if self.dtype != np.float32:
             text += f", dtype={self.dtype.name}"
         if self.debias:
             text += ", debias=True"
         return text + ")"
+
+
+def _is_dask_array(value):
+    # Told without importing dask, which is optional: a Dask array's type comes from dask,
+    # so dask.array is loaded already when value is one.
+    if not type(value).__module__.startswith("dask"):
+        return False
+    dask_array = sys.modules.get("dask.array")
+    return dask_array is not None and isinstance(value, dask_array.Array)
 
 
 def _context_unless_overwritten(x, out):
