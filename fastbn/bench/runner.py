@@ -1,0 +1,115 @@
+"""A whole benchmark run: :func:`run` measures every case, operation and thread count.
+
+It makes each case's inputs, sets thread counts, builds the contenders, times them
+(waiting for idle cores and retrying disturbed measurements with ``wait_idle_s``) and
+collects the medians into a :class:`~fastbn.bench.report.Report`.
+"""
+
+import concurrent.futures
+import contextlib
+import datetime
+import time
+
+import fastbn
+
+from .cases import LARGE_NUMEL, OP_TITLES, OPS
+from .contender import Inputs, contenders, fastbn_call, fastbn_layer, import_torch
+from .load import BUSY_CORES, OtherLoad, wait_for_idle
+from .report import Report, Result, ScalingResult, threads_phrase
+from .timing import measure
+
+
+def run(cases, *, ops=OPS, threads=None, use_torch=True, rounds=None, budget_s=80.0,
+        quick=False, scaling=True, wait_idle_s=0.0, progress=None):
+    """Measures ``cases`` x ``ops`` at each thread count in ``threads``; returns a :class:`Report`.
+
+    ``threads`` defaults to ``[fastbn.get_num_threads()]``. ``scaling`` also times fastbn alone
+    at 1 thread against the largest count on the large cases (every case with ``quick``).
+    ``wait_idle_s`` > 0: before each measurement, wait up to that long for other processes to
+    leave the cores idle (the wait does not count against ``budget_s``). ``progress``, if
+    given, is called with a line of text before each measurement.
+    """
+    started = time.perf_counter()
+    initial_threads = fastbn.get_num_threads()
+    threads = list(threads or [initial_threads])
+    report = Report(threads=tuple(threads), started=datetime.datetime.now().astimezone())
+    torch = None
+    if use_torch:
+        torch, report.torch_note = import_torch()
+    else:
+        report.torch_note = "not run (--no-torch)"
+    if torch is not None:
+        report.torch_version = torch.__version__
+        initial_torch_threads = torch.get_num_threads()
+
+    scaling_threads = sorted(set(threads)) if len(set(threads)) > 1 else sorted({1, threads[0]})
+    scaling_cases = []
+    if scaling and len(scaling_threads) > 1 and fastbn.openmp_enabled():
+        scaling_cases = [c for c in cases if not c.single and (quick or c.numel >= LARGE_NUMEL)]
+
+    jobs = [("compare", n, case, op) for n in threads for case in cases
+            for op in ops if op in case.ops]
+    jobs += [("scaling", None, case, op) for case in scaling_cases for op in ops if op in case.ops]
+    measure_options = dict(min_rounds=3, max_rounds=20, warm_s=0.005) if quick else {}
+
+    pools = {}
+    inputs_cache = {}
+    try:
+        for index, (kind, n, case, op) in enumerate(jobs):
+            if case not in inputs_cache:
+                inputs_cache.clear()  # keep one case's arrays alive at a time
+                inputs_cache[case] = Inputs.make(case)
+            inputs = inputs_cache[case]
+            label = f"[{index + 1}/{len(jobs)}] {case.name} {case.dtype} {OP_TITLES[op]}"
+            setup, layer = None, None
+            if kind == "compare":
+                label += f", {threads_phrase(n)}"
+                fastbn.set_num_threads(n)
+                if torch is not None:
+                    torch.set_num_threads(n)
+                if n > 1 and n not in pools:
+                    pools[n] = concurrent.futures.ThreadPoolExecutor(n)
+                layer = fastbn_layer(case, inputs) if op == "eval" and case.single else None
+                calls = contenders(case, op, inputs, n, torch, pools.get(n), layer)
+            else:
+                label += ", fastbn at " + " vs ".join(map(str, scaling_threads)) + " threads"
+                call = fastbn_call(case, op, inputs)
+                calls = {count: call for count in scaling_threads}
+                setup = {count: (lambda c=count: fastbn.set_num_threads(c))
+                         for count in scaling_threads}
+
+            # With wait_idle_s, a measurement that other processes disturbed is taken again
+            # (twice at most); the least disturbed one is kept.
+            kept = None
+            for attempt in range(3 if wait_idle_s > 0 else 1):
+                if wait_idle_s > 0:
+                    report.waited_s += wait_for_idle(wait_idle_s)
+                if progress:
+                    progress(label + (f" (again: {kept[2]:.1f} busy cores)" if attempt else ""))
+                remaining_s = budget_s - (time.perf_counter() - started - report.waited_s)
+                job_budget_s = max(remaining_s, 0.0) / (len(jobs) - index)
+                no_grad = torch.no_grad() if torch is not None else contextlib.nullcontext()
+                with no_grad, OtherLoad() as load:
+                    medians, done = measure(calls, budget_s=job_budget_s, rounds=rounds,
+                                            setup=setup, **measure_options)
+                if kept is None or (load.cores or 0.0) < kept[2]:
+                    kept = (medians, done, load.cores or 0.0, load.cores)
+                if load.cores is None or load.cores < BUSY_CORES:
+                    break
+            medians, done, _, other_load = kept
+            if kind == "compare":
+                report.results.append(
+                    Result(case, op, n, medians, done, other_load, layer is not None)
+                )
+            else:
+                report.scaling.append(ScalingResult(case, op, medians, done, other_load))
+    finally:
+        for pool in pools.values():
+            pool.shutdown()
+        fastbn.set_num_threads(None)  # back to OpenMP's default, unless it was set otherwise
+        if fastbn.get_num_threads() != initial_threads:
+            fastbn.set_num_threads(initial_threads)
+        if torch is not None:
+            torch.set_num_threads(initial_torch_threads)
+    report.seconds = time.perf_counter() - started
+    return report
