@@ -2,7 +2,7 @@
 
 One benchmark group per case and operation, so pytest-benchmark's table shows the contenders
 side by side. PyTorch's benchmarks are skipped when it cannot be imported. The contenders are
-the ones ``python -m fastbn bench`` times (see fastbn/bench.py); that command interleaves them,
+the ones ``python -m fastbn bench`` times (see fastbn/bench/); that command interleaves them,
 which makes its ratios steadier on a noisy machine than these back-to-back runs.
 """
 
