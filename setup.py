@@ -14,6 +14,7 @@ FASTBN_SANITIZE=address,undefined
 """
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,11 @@ def _probe_openmp(compiler, compile_args, link_args):
             f.write(OPENMP_PROBE)
         objects = compiler.compile([source], output_dir=tmp, extra_postargs=compile_args)
         exe = os.path.join(tmp, "probe")
+        if compiler.compiler_type != "msvc":
+            # distutils links extensions with $LDFLAGS but executables without: pass them
+            # here too, or a libomp found through LDFLAGS=-L<prefix>/lib (macOS, Homebrew)
+            # fails the probe and the build silently falls back to serial kernels.
+            link_args = link_args + shlex.split(os.environ.get("LDFLAGS", ""))
         compiler.link_executable(objects, exe, extra_postargs=link_args)
         result = subprocess.run([exe], capture_output=True, timeout=60)
         return result.returncode == 0

@@ -11,7 +11,8 @@ The controller's user_api is "openmp" (fastbn's threads are OpenMP threads, and
 ``threadpool_limits(n, user_api="openmp")`` must cover them); its internal_api is "fastbn".
 
 Imported by fastbn/__init__.py only when threadpoolctl is installed; it is no run-time
-dependency of fastbn.
+dependency of fastbn. On Windows the extension exports no C symbols, so threadpoolctl finds
+no fastbn there and limits it only through OpenMP's default (vcomp).
 """
 
 import ctypes

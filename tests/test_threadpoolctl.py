@@ -20,6 +20,12 @@ threadpoolctl = pytest.importorskip("threadpoolctl")
 pytestmark = pytest.mark.usefixtures("restore_threads")
 
 needs_openmp = pytest.mark.skipif(not fastbn.openmp_enabled(), reason="built without OpenMP")
+# A Windows DLL exports only what it declares, and the extension declares only its module
+# init function: threadpoolctl cannot call fbn_get/set_num_threads there, so it limits
+# fastbn only through OpenMP's default (tests/test_threads.py).
+needs_controller = pytest.mark.skipif(
+    sys.platform == "win32", reason="fastbn's controller needs exported C symbols (not on Windows)"
+)
 
 
 def fastbn_entry():
@@ -44,6 +50,7 @@ def run_python(code, cwd):
     return result.stdout
 
 
+@needs_controller
 def test_threadpool_info_lists_fastbn():
     entry = fastbn_entry()
     assert entry["user_api"] == "openmp"
@@ -53,6 +60,7 @@ def test_threadpool_info_lists_fastbn():
     assert entry["num_threads"] == fastbn.get_num_threads()
 
 
+@needs_controller
 @needs_openmp
 @pytest.mark.parametrize("explicit", [None, 1, 2, 3], ids=lambda n: f"set_num_threads({n})")
 def test_limits_override_the_setting_and_restore_it(explicit):
@@ -67,6 +75,7 @@ def test_limits_override_the_setting_and_restore_it(explicit):
     assert fastbn.get_num_threads() == before
 
 
+@needs_controller
 @needs_openmp
 def test_limits_by_user_api():
     fastbn.set_num_threads(3)
@@ -77,6 +86,7 @@ def test_limits_by_user_api():
     assert fastbn.get_num_threads() == 3
 
 
+@needs_controller
 @needs_openmp
 def test_default_setting_comes_back_as_following_openmp():
     """A limit ends with fastbn following OpenMP again, not pinned to the count it had."""
@@ -87,6 +97,7 @@ def test_default_setting_comes_back_as_following_openmp():
         assert fastbn.get_num_threads() == 1
 
 
+@needs_controller
 @needs_openmp
 def test_explicit_setting_comes_back_as_explicit():
     fastbn.set_num_threads(3)
@@ -96,6 +107,7 @@ def test_explicit_setting_comes_back_as_explicit():
         assert fastbn.get_num_threads() == 3
 
 
+@needs_controller
 @needs_openmp
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc")
 def test_kernels_run_on_one_thread_under_the_limit(tmp_path):
