@@ -17,7 +17,7 @@ no fastbn there and limits it only through OpenMP's default (vcomp).
 
 import ctypes
 
-import threadpoolctl
+import threadpoolctl  # type: ignore[import-untyped, unused-ignore]
 
 import fastbn
 

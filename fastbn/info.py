@@ -25,7 +25,7 @@ def _usable_cores():
 
 def _threadpoolctl_status():
     try:
-        import threadpoolctl
+        import threadpoolctl  # type: ignore[import-untyped, unused-ignore]
     except ImportError:
         return "not installed"
     controlled = any(
