@@ -47,6 +47,8 @@ def _run_all(case, x, weight, bias, grad_out, running_mean, running_var, statist
         )
         for name, value in zip(("grad_x", "grad_weight", "grad_bias"), grads, strict=True):
             results[f"{name} training={training}"] = value
+    moments = fastbn.moments(x, axis=axis)
+    results["moments mean"], results["moments m2"] = moments.mean, moments.m2
     return results
 
 
@@ -66,6 +68,8 @@ def _scales(case, x, weight, grad_out, single):
     (x - mean) * invstd + bias carries, besides its own rounding, the statistics' error
     times weight * invstd. The gradients carry the rounding of their sums (as in
     test_functional): sum(|dy|) and sum(|dy * xhat|), and in grad_x the same divided by M.
+    The moments stay in float64, so their sums' rounding is float64's: the mean's relative
+    to mean|x|, m2's relative to m2 times 1 + |mean| / std, the variance's condition number.
     """
     rows, dy = _channel_rows(x, case.axis), _channel_rows(grad_out, case.axis)
     mean = single["mean"].astype(np.float64)
@@ -97,6 +101,12 @@ def _scales(case, x, weight, grad_out, single):
         )
         scales[f"grad_weight training={training}"] = np.abs(dy * xhat).sum(axis=1)
         scales[f"grad_bias training={training}"] = np.abs(dy).sum(axis=1)
+    float64_sum = 1 + accumulation(np.float64, case.count)
+    m2 = single["moments m2"]
+    scales["moments mean"] = magnitude * float64_sum
+    scales["moments m2"] = (
+        m2 + np.sqrt(m2 * case.count) * np.abs(single["moments mean"])
+    ) * float64_sum
     return scales
 
 
@@ -193,9 +203,23 @@ def test_threadpoolctl_limits_the_default():
         assert fastbn.get_num_threads() == 1
 
 
-def _child(queue, x):
+def _every_function(x, grad_out):
+    """The outputs of every function and of the layer (training and eval) on x."""
+    _, mean, invstd = results = fastbn.batch_norm_train(x)
+    running_mean, running_var = np.zeros(x.shape[1]), np.ones(x.shape[1])
+    results += (fastbn.batch_norm(x, running_mean, running_var, training=True),)
+    results += (running_mean, running_var, fastbn.batch_norm(x, running_mean, running_var))
+    for training in (True, False):
+        results += fastbn.batch_norm_backward(grad_out, x, mean, invstd, training=training)
+    moments = fastbn.moments(x)
+    bn = fastbn.BatchNorm(x.shape[1], dtype=x.dtype)
+    results += (moments.mean, moments.m2, bn(x), bn.backward(grad_out), bn.eval()(x))
+    return results
+
+
+def _child(queue, x, grad_out):
     y, mean, invstd = fastbn.batch_norm_train(x)
-    queue.put((fastbn.get_num_threads(), y, mean, invstd))
+    queue.put((fastbn.get_num_threads(), y, mean, invstd, _every_function(x, grad_out)))
 
 
 def test_forked_child_runs_serially_instead_of_hanging():
@@ -207,6 +231,9 @@ def test_forked_child_runs_serially_instead_of_hanging():
     if "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("no fork on this platform")
     x = np.random.default_rng(0).standard_normal((64, 64, 8, 8))
+    grad_out = np.random.default_rng(1).standard_normal(x.shape)
+    fastbn.set_num_threads(1)
+    serial = _every_function(x, grad_out)
     fastbn.set_num_threads(2)
     expected = fastbn.batch_norm_train(x)  # a parallel region in the parent
 
@@ -216,10 +243,10 @@ def test_forked_child_runs_serially_instead_of_hanging():
         # Python >= 3.12 warns that fork() in a multi-threaded process may deadlock: the
         # very situation this test checks fastbn handles.
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*fork.*")
-        child = context.Process(target=_child, args=(queue, x))
+        child = context.Process(target=_child, args=(queue, x, grad_out))
         child.start()
     try:
-        threads, *result = queue.get(timeout=60)
+        threads, *result, every_result = queue.get(timeout=60)
     except queues.Empty:
         pytest.fail("the forked child did not finish batch_norm_train within 60 s (hung?)")
     finally:
@@ -231,3 +258,6 @@ def test_forked_child_runs_serially_instead_of_hanging():
     assert child.exitcode == 0
     for got, want in zip(result, expected, strict=True):
         assert_close(got, want, factor=THREAD_FACTOR, what="forked child vs parent")
+    # every function and the layer, serially in the child: the parent's serial bits
+    for index, (got, want) in enumerate(zip(every_result, serial, strict=True)):
+        np.testing.assert_array_equal(got, want, err_msg=f"output {index} of _every_function")
