@@ -77,7 +77,7 @@ def check_training(comm, dtype, shape, axis, steps=4, momentum=0.1, affine=True)
     channels = shape[axis]
     # The same seed on every rank (str hashes differ between processes; crc32 does not).
     rng = np.random.default_rng(zlib.crc32(repr((np.dtype(dtype).name, shape, axis)).encode()))
-    options = dict(dtype=dtype, axis=axis, momentum=momentum, affine=affine)
+    options = {"dtype": dtype, "axis": axis, "momentum": momentum, "affine": affine}
     reference = fastbn.BatchNorm(channels, **options)
     layer = SyncBatchNorm(channels, comm=comm, **options)
     if affine:

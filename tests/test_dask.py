@@ -162,7 +162,7 @@ def test_recalibrate_rejects_a_bad_dask_array_and_changes_nothing():
 
 def test_example_script_runs(tmp_path):
     result = subprocess.run([sys.executable, EXAMPLE, "--gigabytes", "0.005",
-                             "--directory", str(tmp_path)], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120)
+                             "--directory", str(tmp_path)], check=False, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "fastbn.dask.moments" in result.stdout and "channel 2" in result.stdout
