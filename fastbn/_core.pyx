@@ -298,10 +298,12 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     if mean_array is not None:
         count = batch.shape.outer * batch.shape.inner
         kept = 1.0 - momentum_value
-        mean_array[...] = mean_array.astype(np.float64) * kept + mean * momentum_value
-        var_array[...] = (
-            var_array.astype(np.float64) * kept + var * (momentum_value * count / (count - 1))
-        )
+        # A float32 variance beyond float32's range becomes inf, as in PyTorch.
+        with np.errstate(over="ignore"):
+            mean_array[...] = mean_array.astype(np.float64) * kept + mean * momentum_value
+            var_array[...] = (
+                var_array.astype(np.float64) * kept + var * (momentum_value * count / (count - 1))
+            )
     return y
 
 

@@ -294,12 +294,6 @@ def _random_cases(draw):
 #: test_reliability.py's overflow test), and below ~1e-19 it is subnormal or 0.
 LOG10_MAGNITUDES = st.floats(-30.0, 30.0)
 
-#: Known bug (test_reliability.py, xfail): the float32 training backward pass loses
-#: accuracy for data of magnitude above ~1e19, where its coefficient weight * invstd**2 *
-#: mean(dy * (x - mean)) is stored as float32 and underflows. Not checked above this here.
-BACKWARD_K_X_UNDERFLOWS = 1e19
-
-
 def _scaled_running_stats(case, rng, magnitude):
     """Running statistics for data of this magnitude: mean ~ magnitude, variance ~
     magnitude**2, capped below the dtype's largest value (rounded to 0 when it underflows)."""
@@ -335,11 +329,7 @@ def test_random_layouts_match_reference(case, seed, affine, log10_magnitude):
     bias = case.per_channel(rng) if affine else None
     running_mean, running_var = _scaled_running_stats(case, rng, magnitude)
     grad_out = in_order(rng.standard_normal(case.shape).astype(case.dtype), case.order)
-    known_bug = case.dtype == np.float32 and magnitude > BACKWARD_K_X_UNDERFLOWS
-    _check_everything(
-        case, x, weight, bias, running_mean, running_var, grad_out,
-        check_training_backward=not known_bug,
-    )
+    _check_everything(case, x, weight, bias, running_mean, running_var, grad_out)
 
     old_mean, old_var = running_mean.copy(), running_var.copy()
     _, expected_var = reference.updated_running_stats(
@@ -556,9 +546,7 @@ def test_out_overlapping_x_gives_the_result_for_the_original_x(function, dtype, 
 # ----------------------------------------------------------- what inputs may be
 
 
-def _check_everything(
-    case, x, weight, bias, running_mean, running_var, grad_out, check_training_backward=True
-):
+def _check_everything(case, x, weight, bias, running_mean, running_var, grad_out):
     """Calls every function (running stats in eval mode only, so they are not updated), and
     fastbn.moments, and checks each against the reference."""
     axis = case.axis
@@ -577,8 +565,6 @@ def _check_everything(
         got = fastbn.batch_norm_backward(
             grad_out, x, mean, invstd, weight, training=training, axis=axis
         )
-        if training and not check_training_backward:
-            continue
         expected = backward(grad_out, x, mean, invstd, weight, axis=axis)
         _assert_gradients_match(case, got, expected, grad_out, x, mean, invstd, weight, training)
 
