@@ -29,7 +29,7 @@ cdef inline cnp.ndarray _kernel_ready(cnp.ndarray array):
     """``array`` as a kernel reads it: C-contiguous, aligned, native byte order."""
     if cnp.PyArray_ISCARRAY_RO(array) and cnp.PyArray_ISNOTSWAPPED(array):
         return array
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
+    return np.array(array, dtype=array.dtype.newbyteorder("="), order="C")  # a new, aligned copy
 
 
 cdef cnp.ndarray _float_array(object value, str name):
