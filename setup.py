@@ -81,7 +81,10 @@ class BuildExt(build_ext):
     def build_extensions(self):
         ctype = self.compiler.compiler_type
         if ctype == "msvc":
-            compile_args, link_args = ["/O2", "/fp:precise"], []
+            # Export the thread-count functions so threadpoolctl's controller
+            # (fastbn/_threadpoolctl.py) finds them in the .pyd as it does in the .so.
+            compile_args = ["/O2", "/fp:precise"]
+            link_args = ["/EXPORT:fbn_get_num_threads", "/EXPORT:fbn_set_num_threads"]
         else:
             # -O3 without -march=native: the wheel runs on any x86-64; the hot loops
             # pick AVX2/AVX-512 clones at run time (csrc/common.h, FBN_DISPATCH).
@@ -111,7 +114,7 @@ class BuildExt(build_ext):
                     "building serial kernels (set FASTBN_OPENMP=0 to silence this)."
                 )
 
-        build_flags = " ".join(compile_args + link_args)
+        build_flags = f"compile: {' '.join(compile_args)}; link: {' '.join(link_args) or '-'}"
         for ext in self.extensions:
             ext.extra_compile_args = compile_args
             ext.extra_link_args = link_args
