@@ -114,7 +114,8 @@ class BatchNorm:
         The channel axis of the input: 1 for (N, C), (N, C, L), NCHW and NCDHW, -1 for
         channels-last input such as NHWC.
     dtype : numpy.float32 or numpy.float64, keyword-only
-        The dtype of the parameters and statistics; the input must have it too.
+        The dtype of the parameters and statistics; the input must have it too (in any
+        byte order).
     debias : bool, keyword-only
         Eval mode corrects the running statistics for their initial values, as Adam
         corrects its moments: ``(running - (1-m)**t * initial) / (1 - (1-m)**t)`` with
@@ -307,12 +308,20 @@ class BatchNorm:
         values per channel, computed in float64 and stored in the layer's dtype."""
         tracked = int(self.num_batches_tracked) + 1
         factor = 1.0 / tracked if self.momentum is None else self.momentum
-        unbiased_var = var * (count / (count - 1))
         kept = 1.0 - factor
-        self.running_mean[...] = (self.running_mean.astype(np.float64) * kept
-                                  + mean * factor)
-        self.running_var[...] = self.running_var.astype(np.float64) * kept + unbiased_var * factor
+        # Every new value first, then the writes: nothing is left half-updated on an error.
+        # A variance beyond float32's range becomes inf, quietly, as in PyTorch.
+        with np.errstate(over="ignore"):
+            unbiased_var = var * (count / (count - 1))
+            new_mean = (self.running_mean.astype(np.float64) * kept
+                        + mean * factor).astype(self.dtype)
+            new_var = (self.running_var.astype(np.float64) * kept
+                       + unbiased_var * factor).astype(self.dtype)
+        # The one write that may fail (a user's integer array too small for the count) first;
+        # the others cannot, the arrays having been checked.
         self.num_batches_tracked[...] = tracked
+        self.running_mean[...] = new_mean
+        self.running_var[...] = new_var
         self._statistics_exact = False
 
     def _forward_running_statistics(self, x, batch_x, batch_out):
@@ -375,13 +384,13 @@ class BatchNorm:
             raise TypeError(
                 f"{name} must be a numpy.ndarray of dtype {self.dtype}, got {type(x).__name__}"
             )
-        if x.dtype != self.dtype:
-            if x.dtype not in (np.float32, np.float64):
+        if x.dtype.num != self.dtype.num:  # in any byte order: the functions take them all
+            if not _is_float(x.dtype):
                 raise TypeError(f"{name} must have a float dtype ({self.dtype}), got {x.dtype}")
             raise TypeError(
                 f"{name} has dtype {x.dtype}, but this layer's parameters and statistics are "
                 f"{self.dtype}: pass {name}.astype(numpy.{self.dtype}), or create the layer "
-                f"with dtype=numpy.{x.dtype}"
+                f"with dtype=numpy.{x.dtype.name}"
             )
         if x.ndim == 0:
             raise ValueError(f"{name} must be an array of shape (batch, channels, ...), got a scalar")
@@ -398,20 +407,26 @@ class BatchNorm:
                 f"num_features={self.num_features} (x's shape is {x.shape})"
             )
 
-    def _check_statistics_writable(self):
-        for name in _STATISTIC_NAMES:
+    def _check_statistics_writable(self, writer="training"):
+        """Raise ValueError unless the running statistics can be written in place by
+        ``writer`` (named in the message): each a writable array of the right shape and
+        dtype."""
+        self._check_channel_arrays_writable(_STATISTIC_NAMES, writer)
+        tracked = self.num_batches_tracked
+        if (not isinstance(tracked, np.ndarray) or tracked.shape != () or tracked.dtype.kind != "i"
+                or not tracked.flags.writeable):
+            raise ValueError("num_batches_tracked must be a writable int64 array of shape (), "
+                             f"as {writer} updates it in place")
+
+    def _check_channel_arrays_writable(self, names, writer):
+        for name in names:
             array = getattr(self, name)
             if (not isinstance(array, np.ndarray) or array.shape != (self.num_features,)
                     or array.dtype != self.dtype or not array.flags.writeable):
                 raise ValueError(
                     f"{name} must be a writable array of shape ({self.num_features},) and "
-                    f"dtype {self.dtype}, as training updates it in place"
+                    f"dtype {self.dtype}, as {writer} updates it in place"
                 )
-        tracked = self.num_batches_tracked
-        if (not isinstance(tracked, np.ndarray) or tracked.shape != () or tracked.dtype.kind != "i"
-                or not tracked.flags.writeable):
-            raise ValueError("num_batches_tracked must be a writable int64 array of shape (), "
-                             "as training updates it in place")
 
     # --------------------------------------------------------------- backward
 
@@ -465,9 +480,9 @@ class BatchNorm:
                     f"grad_out must have the shape of the last forward call's output "
                     f"{x.shape}, got {grad_out.shape}"
                 )
-            if grad_out.dtype != x.dtype:
+            if grad_out.dtype.num != x.dtype.num:  # either may be byte-swapped
                 raise TypeError(
-                    f"grad_out must have the last forward call's dtype {x.dtype}, "
+                    f"grad_out must have the last forward call's dtype {x.dtype.name}, "
                     f"got {grad_out.dtype}"
                 )
             one_example = x.ndim == 1
@@ -529,6 +544,11 @@ class BatchNorm:
         if isinstance(batches, np.ndarray):
             raise TypeError("batches must be an iterable of arrays (a list, a generator); "
                             "to recalibrate on one array x, pass [x]")
+        try:
+            batches = iter(batches)
+        except TypeError:
+            raise TypeError("batches must be an iterable of arrays (a list, a generator) or "
+                            f"a Dask array, got {type(batches).__name__}") from None
         total = Moments.empty(self.num_features)
         for index, batch in enumerate(batches):  # a stream: one batch in memory at a time
             total = total.merge(self._moments(batch, f"batch {index}"))
@@ -541,7 +561,7 @@ class BatchNorm:
                 f"recalibrate() needs more than 1 value per channel in all, got {count}"
             )
         with self._lock:
-            self._check_statistics_writable()
+            self._check_statistics_writable("recalibrate()")
             self.running_mean[...] = total.mean
             self.running_var[...] = total.unbiased_var
             self._statistics_exact = True
@@ -564,7 +584,7 @@ class BatchNorm:
         """The Moments of one batch, after checks that name the batch."""
         if not isinstance(batch, np.ndarray):
             raise TypeError(f"{name} must be a numpy.ndarray, got {type(batch).__name__}")
-        if batch.dtype not in (np.float32, np.float64):
+        if not _is_float(batch.dtype):
             raise TypeError(f"{name} must have dtype float32 or float64, got {batch.dtype}")
         if batch.ndim == 0:
             raise ValueError(f"{name} must be an array of shape (batch, channels, ...)")
@@ -581,21 +601,40 @@ class BatchNorm:
         return moments(batch, axis=self.axis)
 
     def reset_running_stats(self):
-        """Running statistics back to mean 0, variance 1, num_batches_tracked 0 (in place)."""
+        """Running statistics back to mean 0, variance 1, num_batches_tracked 0 (in place).
+
+        Raises ValueError, and changes nothing, if one of them is not a writable array of
+        its shape and dtype (one the user replaced or made read-only).
+        """
         with self._lock:
-            if self.running_mean is not None:
-                self.running_mean.fill(0)
-                self.running_var.fill(1)
-                self.num_batches_tracked.fill(0)
-            self._statistics_exact = False
+            self._reset(parameters=False, writer="reset_running_stats()")
 
     def reset_parameters(self):
-        """Running statistics reset, weight back to ones and bias to zeros (in place)."""
-        self.reset_running_stats()
+        """Running statistics reset, weight back to ones and bias to zeros (in place).
+
+        Raises ValueError, and changes nothing, if one of these arrays is not a writable
+        array of its shape and dtype (one the user replaced or made read-only).
+        """
         with self._lock:
-            if self.weight is not None:
-                self.weight.fill(1)
-                self.bias.fill(0)
+            self._reset(parameters=True, writer="reset_parameters()")
+
+    def _reset(self, parameters, writer):
+        """Reset the running statistics, and weight and bias too if ``parameters``, under
+        the lock: every array is checked before the first is written."""
+        statistics = self.running_mean is not None
+        parameters = parameters and self.weight is not None
+        if statistics:
+            self._check_statistics_writable(writer)
+        if parameters:
+            self._check_channel_arrays_writable(_PARAMETER_NAMES, writer)
+        if statistics:
+            self.running_mean.fill(0)
+            self.running_var.fill(1)
+            self.num_batches_tracked.fill(0)
+        if parameters:
+            self.weight.fill(1)
+            self.bias.fill(0)
+        self._statistics_exact = False
 
     # ------------------------------------------------------------ persistence
 
@@ -747,6 +786,14 @@ class BatchNorm:
         if self.debias:
             text += ", debias=True"
         return text + ")"
+
+
+_FLOAT_TYPE_NUMBERS = (np.dtype(np.float32).num, np.dtype(np.float64).num)
+
+
+def _is_float(dtype):
+    """Whether dtype is float32 or float64, in any byte order (as the functions take them)."""
+    return dtype.num in _FLOAT_TYPE_NUMBERS
 
 
 def _is_dask_array(value):

@@ -34,14 +34,15 @@ class Moments:
     __slots__ = ("count", "mean", "m2")
 
     def __init__(self, count, mean, m2):
-        count, mean, m2 = (np.array(a, dtype=np.float64, ndmin=1) for a in (count, mean, m2))
+        count, mean, m2 = (_real_array(count, "count"), _real_array(mean, "mean"),
+                           _real_array(m2, "m2"))
         if not (count.ndim == 1 and count.shape == mean.shape == m2.shape):
             raise ValueError(
                 "count, mean and m2 must be 1-D arrays of one shape (C,), got shapes "
                 f"{count.shape}, {mean.shape}, {m2.shape}"
             )
-        if np.any(count < 0):
-            raise ValueError("count must be >= 0")
+        if not (count >= 0).all():  # false for a NaN count too
+            raise ValueError("count must be >= 0 and not NaN")
         self.count, self.mean, self.m2 = count, mean, m2
 
     @classmethod
@@ -87,16 +88,23 @@ class Moments:
     @classmethod
     def merge_all(cls, parts):
         """Merge an iterable of Moments (at least one) into one, pairwise as a tree."""
-        level = list(parts)
+        try:
+            iterator = iter(parts)
+        except TypeError:
+            raise TypeError(
+                f"parts must be an iterable of Moments, got {type(parts).__name__}") from None
+        level = list(iterator)
         if not level:
-            raise ValueError("merge_all needs at least one Moments")
+            raise ValueError("merge_all needs at least one Moments in parts")
+        for index, part in enumerate(level):
+            if not isinstance(part, Moments):
+                raise TypeError(
+                    f"can only merge Moments, got {type(part).__name__} as parts[{index}]")
         while len(level) > 1:
             merged = [a.merge(b) for a, b in zip(level[::2], level[1::2])]
             if len(level) % 2:
                 merged.append(level[-1])
             level = merged
-        if not isinstance(level[0], Moments):
-            raise TypeError(f"can only merge Moments, got {type(level[0]).__name__}")
         return level[0]
 
     def to_array(self):
@@ -122,6 +130,22 @@ class Moments:
     def __repr__(self):
         return (f"Moments(num_features={self.num_features}, count={self.count!r}, "
                 f"mean={self.mean!r}, m2={self.m2!r})")
+
+
+def _real_array(value, name):
+    """``value`` as a new float64 array of at least one dimension, if it holds real numbers.
+
+    Only integer and float data is taken: NumPy would turn None into NaN, parse strings
+    and raise for complex numbers in messages that do not say which argument is wrong.
+    """
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as error:  # e.g. a ragged list
+        raise ValueError(f"{name} must be array_like of real numbers: {error}") from None
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must hold real numbers (an integer or float dtype), "
+                        f"got dtype {array.dtype}")
+    return np.array(array, dtype=np.float64, ndmin=1)
 
 
 def moments(x, *, axis=1):

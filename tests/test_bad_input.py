@@ -515,9 +515,7 @@ LAYER_CASES = [
     LayerBad("grad_out-per-channel-shape", BOTH, lambda bn, a: bn.backward(a["example"]),
              ValueError, LAYER_GRAD_SHAPE),
     # recalibrate
-    LayerBad("batches-none", BOTH, lambda bn, a: bn.recalibrate(None), TypeError, r"^batches",
-             bug="recalibrate(None) raises Python's \"'NoneType' object is not iterable\", "
-                 "which does not name batches"),
+    LayerBad("batches-none", BOTH, lambda bn, a: bn.recalibrate(None), TypeError, r"^batches"),
     LayerBad("batch-0d", BOTH, lambda bn, a: bn.recalibrate([a["x"], np.array(1.0, bn.dtype)]),
              ValueError, r"^batch 1 must be an array of shape"),
     LayerBad("batch-1d-wrong-length", BOTH,
@@ -559,14 +557,10 @@ LAYER_CASES = [
     # reset methods on arrays the user made read-only
     LayerBad("reset_running_stats-running_var-read-only", BOTH,
              lambda bn, a: bn.reset_running_stats(), ValueError, r"running_var",
-             setup=_freeze("running_var"),
-             bug="reset_running_stats resets running_mean before it finds running_var "
-                 "read-only, and NumPy's message does not name running_var"),
+             setup=_freeze("running_var")),
     LayerBad("reset_parameters-bias-read-only", BOTH,
              lambda bn, a: bn.reset_parameters(), ValueError, r"bias",
-             setup=_freeze("bias"),
-             bug="reset_parameters resets the running statistics and weight before it finds "
-                 "bias read-only, and NumPy's message does not name bias"),
+             setup=_freeze("bias")),
     # fold, with the layer in eval mode
     LayerBad("fold-weight-complex", EVAL_MODE,
              lambda bn, a: fastbn.fold(np.ones((CHANNELS, 2), np.complex128), None, bn),
@@ -701,14 +695,10 @@ def test_bad_num_features_are_rejected(num_features, exception):
 
 # fmt: off
 MOMENTS_CASES = [  # (id, call, exception, match, the known bug or "")
-    ("count-none", lambda: fastbn.Moments(None, [0.0], [0.0]), TypeError, r"count",
-     "Moments(None, ...) is accepted: np.array(None, dtype=float64) is a NaN count"),
-    ("count-nan", lambda: fastbn.Moments([np.nan], [0.0], [0.0]), ValueError, r"count",
-     "a NaN count passes the check count >= 0 (np.any(nan < 0) is false)"),
-    ("count-string", lambda: fastbn.Moments(["a"], [0.0], [0.0]), TypeError, r"count",
-     "NumPy's ValueError 'could not convert string to float' does not name count"),
-    ("mean-complex", lambda: fastbn.Moments([1.0], [1j], [0.0]), TypeError, r"mean",
-     "NumPy's TypeError about complex does not name mean"),
+    ("count-none", lambda: fastbn.Moments(None, [0.0], [0.0]), TypeError, r"count", ""),
+    ("count-nan", lambda: fastbn.Moments([np.nan], [0.0], [0.0]), ValueError, r"count", ""),
+    ("count-string", lambda: fastbn.Moments(["a"], [0.0], [0.0]), TypeError, r"count", ""),
+    ("mean-complex", lambda: fastbn.Moments([1.0], [1j], [0.0]), TypeError, r"mean", ""),
     ("count-negative", lambda: fastbn.Moments([-1.0], [0.0], [0.0]), ValueError,
      r"^count must be >= 0", ""),
     ("shapes-differ", lambda: fastbn.Moments([1.0, 2.0], [0.0], [0.0]), ValueError,
@@ -718,8 +708,7 @@ MOMENTS_CASES = [  # (id, call, exception, match, the known bug or "")
     ("from_array-2d", lambda: fastbn.Moments.from_array(np.zeros((2, 3))), ValueError,
      r"^expected a flat array of length 3\*C", ""),
     ("merge_all-not-moments", lambda: fastbn.Moments.merge_all([1, 2]), TypeError,
-     r"^can only merge Moments",
-     "merge_all([1, 2]) raises AttributeError ('int' object has no attribute 'merge')"),
+     r"^can only merge Moments", ""),
     ("merge-list", lambda: fastbn.Moments.empty(3).merge([0.0] * 9), TypeError,
      r"^can only merge Moments", ""),
 ]
