@@ -70,7 +70,7 @@ def moments(array, *, axis=1, split_every=None):
     da = _dask_array_module()
     if not isinstance(array, da.Array):
         raise TypeError(f"array must be a dask.array.Array, got {type(array).__name__}")
-    if array.dtype not in (np.float32, np.float64):
+    if array.dtype.newbyteorder("=") not in (np.float32, np.float64):
         raise TypeError(f"array must have dtype float32 or float64, got {array.dtype}")
     if array.ndim < 2:
         raise ValueError(

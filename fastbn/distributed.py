@@ -257,7 +257,8 @@ def _check_out(x, out):
         return
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
-    if out.dtype != x.dtype:
+    # As the kernel call: the same float type as x, in any byte order of x's; out native.
+    if out.dtype.num != x.dtype.num or not out.dtype.isnative:
         raise TypeError(f"out must have the input's dtype {x.dtype.name}, got {out.dtype}")
     if out.shape != x.shape:
         raise ValueError(f"out must have the input's shape {x.shape}, got {out.shape}")
