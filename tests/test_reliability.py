@@ -309,9 +309,10 @@ def test_training_backward_at_extreme_magnitudes(dtype, magnitude, eps):
 @pytest.mark.xfail(
     strict=True,
     reason="bug: BatchNorm.backward after an eval forward computes 1 / sqrt(running_var + eps) "
-    "with np.errstate(divide='ignore') only: a negative running variance makes NumPy warn "
-    "'invalid value encountered in sqrt' (an error under -W error), where the forward pass "
-    "and the functions give NaN quietly",
+    "with np.errstate(divide='ignore') only, and fold with no errstate: a negative running "
+    "variance makes NumPy warn 'invalid value encountered in sqrt' (an error under -W error; "
+    "fold also warns 'divide by zero' for eps=0 and a zero variance), where the forward pass "
+    "and the functions give NaN (inf) quietly",
 )
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_negative_running_variance_gives_nan_in_its_channel_quietly(dtype, rng):
@@ -326,6 +327,9 @@ def test_a_negative_running_variance_gives_nan_in_its_channel_quietly(dtype, rng
     np.testing.assert_array_equal(bn(x), y)
     grad_x = bn.backward(np.ones_like(x))
     assert np.all(np.isnan(grad_x[:, 1])) and np.all(np.isfinite(grad_x[:, [0, 2]]))
+    weight, bias = fastbn.fold(np.ones((3, 2), dtype), np.zeros(3, dtype), bn)
+    assert np.all(np.isnan(weight[1])) and np.isnan(bias[1])
+    assert np.all(np.isfinite(weight[[0, 2]])) and np.all(np.isfinite(bias[[0, 2]]))
 
 
 # ----------------------------------------------------------------------------- memory
