@@ -567,7 +567,7 @@ class BatchNorm:
             self._statistics_exact = True
 
     def _dask_moments(self, array):
-        if array.dtype not in (np.float32, np.float64):
+        if not _is_float(array.dtype):
             raise TypeError(f"the Dask array must have dtype float32 or float64, got {array.dtype}")
         if array.ndim < 2:
             raise ValueError(f"a Dask array is the whole data set, of shape (N, channels, ...), "
