@@ -349,8 +349,7 @@ class BatchNorm:
         return corrected_mean.astype(self.dtype), corrected_var.astype(self.dtype), True
 
     def _invstd(self, var):
-        with np.errstate(divide="ignore"):  # eps=0 and a constant channel: invstd is inf
-            return (1.0 / np.sqrt(var.astype(np.float64) + self.eps)).astype(self.dtype)
+        return _invstd(var, self.eps).astype(self.dtype)
 
     # ------------------------------------------------------------ validation
 
@@ -791,6 +790,13 @@ class BatchNorm:
 _FLOAT_TYPE_NUMBERS = (np.dtype(np.float32).num, np.dtype(np.float64).num)
 
 
+def _invstd(var, eps):
+    """1 / sqrt(var + eps) in float64, quietly inf or NaN where the kernels give inf or NaN
+    (eps=0 with a zero variance; a negative running variance set by hand)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 1.0 / np.sqrt(var.astype(np.float64) + eps)
+
+
 def _is_float(dtype):
     """Whether dtype is float32 or float64, in any byte order (as the functions take them)."""
     return dtype.num in _FLOAT_TYPE_NUMBERS
@@ -863,7 +869,7 @@ def fold(weight, bias, bn):
     with bn._lock:
         mean, var, _ = bn._eval_statistics()
         mean = mean.astype(np.float64)
-        scale = 1.0 / np.sqrt(var.astype(np.float64) + bn.eps)
+        scale = _invstd(var, bn.eps)
         shift = np.zeros(bn.num_features) if bn.bias is None else bn.bias.astype(np.float64)
         if bn.weight is not None:
             scale *= bn.weight

@@ -306,14 +306,6 @@ def test_training_backward_at_extreme_magnitudes(dtype, magnitude, eps):
     _assert_gradients_match(case, got, expected, grad_out, x, mean, invstd, None, True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: BatchNorm.backward after an eval forward computes 1 / sqrt(running_var + eps) "
-    "with np.errstate(divide='ignore') only, and fold with no errstate: a negative running "
-    "variance makes NumPy warn 'invalid value encountered in sqrt' (an error under -W error; "
-    "fold also warns 'divide by zero' for eps=0 and a zero variance), where the forward pass "
-    "and the functions give NaN (inf) quietly",
-)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_negative_running_variance_gives_nan_in_its_channel_quietly(dtype, rng):
     """Eval mode does not check running_var >= 0 (it is the user's state): a negative value
