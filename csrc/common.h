@@ -42,8 +42,10 @@
 
 /* Contiguous elements processed per two-pass moments chunk: a chunk stays in L1. */
 #define FBN_L1_BYTES (32 * 1024)
-/* Data of one tile that the second pass of a kernel expects to find in L2. */
-#define FBN_L2_BYTES (512 * 1024)
+/* Data of one tile that the second pass of a kernel expects to find in L2: most of this
+   core's L2 (runtime.c), or FBN_L2_DEFAULT_BYTES where the system does not say. */
+int64_t fbn_tile_budget_bytes(void);
+#define FBN_L2_DEFAULT_BYTES (512 * 1024)
 /* Columns per sub-tile when channels are contiguous (inner == 1); sizes stack scratch. */
 #define FBN_COLUMNS 256
 /* Below this many elements a kernel runs on the calling thread: an OpenMP region costs

@@ -17,7 +17,7 @@ fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int parallel_onl
        whole rows at a time, is faster. */
     const int64_t granule = shape.inner == 1 ? (C < 128 ? C : 128) : 1;
     const int64_t channel_bytes = M * (int64_t)bytes_per_value;
-    int64_t fit = FBN_L2_BYTES / (channel_bytes > 0 ? channel_bytes : 1);
+    int64_t fit = fbn_tile_budget_bytes() / (channel_bytes > 0 ? channel_bytes : 1);
     fit -= fit % granule;
     if (fit < granule)
         return plan; /* not even one granule stays in cache: stream by position */

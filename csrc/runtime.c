@@ -15,6 +15,7 @@
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
+#include <unistd.h>
 #define FBN_HAVE_ATFORK 1
 #endif
 
@@ -94,6 +95,23 @@ void fbn_run_parts(fbn_part_body body, void *context, int nparts)
     for (int part = 0; part < nparts; ++part)
         body(context, part, nparts);
 #endif
+}
+
+/* 7/8 of the L2 cache, leaving room for what else lives there (the output being written,
+   the stack). Read once; a race between first callers only computes it twice. */
+int64_t fbn_tile_budget_bytes(void)
+{
+    static fbn_shared_int budget_kib = 0;
+    int kib = budget_kib;
+    if (kib == 0) {
+        long l2 = 0;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+        l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+        kib = l2 > 64 * 1024 ? (int)(l2 / 1024 * 7 / 8) : FBN_L2_DEFAULT_BYTES / 1024;
+        budget_kib = kib;
+    }
+    return (int64_t)kib * 1024;
 }
 
 const char *fbn_simd_level(void)
