@@ -5,8 +5,14 @@ stateful layer. Kernels are C with OpenMP and run without the GIL.
 """
 
 from importlib.util import find_spec as _find_spec
+from pkgutil import extend_path as _extend_path
 
-from fastbn._core import (
+# Run from a checkout (`python -m fastbn demo` after `pip install .`), Python finds this
+# source tree first, and it holds no compiled extension: look for the package's other
+# directories on sys.path too, so that fastbn._core comes from the installed copy.
+__path__ = _extend_path(__path__, __name__)
+
+from fastbn._core import (  # noqa: E402
     batch_norm,
     batch_norm_backward,
     batch_norm_train,
@@ -15,8 +21,8 @@ from fastbn._core import (
     openmp_enabled,
     set_num_threads,
 )
-from fastbn.layer import BatchNorm, fold
-from fastbn.moments import Moments, moments
+from fastbn.layer import BatchNorm, fold  # noqa: E402
+from fastbn.moments import Moments, moments  # noqa: E402
 
 __version__ = "0.1.0"
 
