@@ -16,29 +16,16 @@ def build_parser():
 
     from fastbn import bench, demo, info
 
-    bench_parser = commands.add_parser(
-        "bench",
-        help="time fastbn against PyTorch, NumPy and a memory copy",
-        description=bench.__doc__.split("\n\n")[0],
-    )
-    bench.add_arguments(bench_parser)
-    bench_parser.set_defaults(handler=bench.run_from_args)
-
-    demo_parser = commands.add_parser(
-        "demo",
-        help="train a small network on the digits with and without BatchNorm",
-        description=demo.__doc__.split("\n\n")[0],
-    )
-    demo.add_arguments(demo_parser)
-    demo_parser.set_defaults(handler=demo.run)
-
-    info_parser = commands.add_parser(
-        "info",
-        help="show the versions, OpenMP threads, SIMD level and build flags",
-        description=info.__doc__.split("\n\n")[0],
-    )
-    info.add_arguments(info_parser)
-    info_parser.set_defaults(handler=info.run)
+    for name, module, handler, summary in (
+        ("bench", bench, bench.run_from_args, "time fastbn against PyTorch, NumPy and a memory copy"),
+        ("demo", demo, demo.run, "train a small network on the digits with and without BatchNorm"),
+        ("info", info, info.run, "show the versions, OpenMP threads, SIMD level and build flags"),
+    ):
+        command = commands.add_parser(
+            name, help=summary, description=module.__doc__.split("\n\n")[0]
+        )
+        module.add_arguments(command)
+        command.set_defaults(handler=handler)
     return parser
 
 

@@ -74,6 +74,12 @@ cdef int _channel_axis(object axis, int ndim) except -1:
     return index + ndim if index < 0 else index
 
 
+def _normalize_axis(axis, ndim):
+    """``axis`` of an ``ndim``-dimensional array as a non-negative index; the errors every
+    function gives for a bad axis. For the Python modules that take an axis too."""
+    return _channel_axis(axis, ndim)
+
+
 cdef double _real(object value, str name) except? -1.0:
     if type(value) is float:
         return <double>value

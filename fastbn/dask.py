@@ -12,10 +12,10 @@ raises ImportError saying so when it is used.
 """
 
 import functools
-import operator
 
 import numpy as np
 
+from fastbn._core import _normalize_axis
 from fastbn.moments import Moments
 from fastbn.moments import moments as _moments
 
@@ -77,7 +77,7 @@ def moments(array, *, axis=1, split_every=None):
             f"array must have at least 2 dimensions (batch, channels, ...), got shape "
             f"{array.shape}"
         )
-    channel_axis = _channel_axis(axis, array.ndim)
+    channel_axis = _normalize_axis(axis, array.ndim)
     reduced_axes = tuple(i for i in range(array.ndim) if i != channel_axis)
     records = da.reduction(
         array,
@@ -93,18 +93,6 @@ def moments(array, *, axis=1, split_every=None):
         name="fastbn-moments",
     ).compute()
     return Moments(records["count"], records["mean"], records["m2"])
-
-
-def _channel_axis(axis, ndim):
-    if isinstance(axis, (bool, np.bool_)):
-        raise TypeError("axis must be an integer, got bool")
-    try:
-        index = operator.index(axis)
-    except TypeError:
-        raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
-    if not -ndim <= index < ndim:
-        raise np.exceptions.AxisError(index, ndim, "axis")
-    return index % ndim
 
 
 def _chunk_records(chunk, channel_axis, axis, keepdims, computing_meta=False, **unused):
