@@ -9,6 +9,20 @@
 /* square root in T: eval computes its per-channel constants in the element type */
 #define SQRT_T sqrt
 
+#ifdef FBN_STREAMING
+/* The vector operations of the streaming loops (loops.inc), in AVX-512 for this type. */
+#include <immintrin.h>
+#define FBN_VEC __m512d
+#define FBN_MASK __mmask8
+#define FBN_VEC_LANES 8
+#define FBN_VEC_SET1 _mm512_set1_pd
+#define FBN_VEC_LOAD _mm512_loadu_pd
+#define FBN_VEC_MASK_LOAD _mm512_maskz_loadu_pd
+#define FBN_VEC_MASK_STORE _mm512_mask_storeu_pd
+#define FBN_VEC_STREAM _mm512_stream_pd
+#define FBN_VEC_AFFINE(x, c, s, b) _mm512_fmadd_pd(_mm512_sub_pd(x, c), s, b)
+#endif
+
 #include "kernels/loops.inc"
 #include "kernels/forward.inc"
 #include "kernels/backward.inc"

@@ -114,6 +114,26 @@ int64_t fbn_tile_budget_bytes(void)
     return (int64_t)kib * 1024;
 }
 
+/* Outputs of more than FBN_STREAM_MIN_BYTES are streamed, on CPUs with AVX-512: the next
+   layer would not find most of them in cache anyway. (A fixed size: the L3 size the
+   system reports is unreliable in virtual machines, 320 MiB for a 32 MiB cache here.) */
+int fbn_stream_output(int64_t bytes)
+{
+#ifdef FBN_STREAMING
+    static fbn_shared_int has_avx512 = -1; /* -1: not asked yet */
+    int answer = has_avx512;
+    if (answer < 0) {
+        __builtin_cpu_init();
+        answer = __builtin_cpu_supports("avx512f") ? 1 : 0;
+        has_avx512 = answer;
+    }
+    return answer && bytes > FBN_STREAM_MIN_BYTES;
+#else
+    (void)bytes;
+    return 0;
+#endif
+}
+
 const char *fbn_simd_level(void)
 {
 #if defined(__x86_64__) && defined(__GNUC__)

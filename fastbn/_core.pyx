@@ -540,3 +540,8 @@ def _split(n, nparts):
         fbn_split(n, part, nparts, &begin, &end)
         slices.append((begin, end))
     return slices
+
+
+def _streams_output(nbytes):
+    """Whether the forward kernels write an output of ``nbytes`` with streaming stores."""
+    return bool(fbn_stream_output(nbytes))

@@ -45,3 +45,4 @@ cdef extern from "common.h" nogil:
     int fbn_next_run(fbn_shape shape, int64_t c, int64_t *m, int64_t m1, int64_t *at,
                      int64_t *n)
     void fbn_split(int64_t n, int part, int nparts, int64_t *begin, int64_t *end)
+    int fbn_stream_output(int64_t bytes)

@@ -1,0 +1,51 @@
+"""Large outputs: written with streaming stores on CPUs with AVX-512 (more than 8 MiB).
+
+The streaming loop has its own code for the unaligned start and the end of every run, so
+it is checked here on runs whose length and offset are odd, in place and not, against the
+float64 reference. On a CPU without AVX-512 these inputs take the ordinary loops.
+"""
+
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn import _core
+
+from reference import forward_eval, forward_train
+
+#: (2, 3, L) with L odd: every run of a channel starts at another offset from a cache line.
+SHAPE = (2, 3, 700_001)
+
+
+def test_outputs_past_8_mib_stream_and_smaller_ones_do_not():
+    streams = _core._streams_output
+    assert not streams(8 * 2**20)
+    if not streams(8 * 2**20 + 1):
+        pytest.skip("this CPU has no AVX-512: nothing streams")
+    assert streams(np.prod(SHAPE) * 4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [False, True], ids=["out", "in-place"])
+def test_streamed_training_forward_matches_the_reference(dtype, in_place):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(SHAPE) * 3 + 7).astype(dtype)
+    weight = rng.uniform(0.5, 2, 3).astype(dtype)
+    bias = rng.standard_normal(3).astype(dtype)
+    expected = forward_train(x, weight, bias)[0]
+    out = x if in_place else None
+    y, _, _ = fastbn.batch_norm_train(x, weight, bias, out=out)
+    tolerance = 8 * np.finfo(dtype).eps * np.abs(expected).max()
+    np.testing.assert_allclose(y, expected, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streamed_eval_forward_matches_the_reference(dtype):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(SHAPE).astype(dtype)
+    running_mean = rng.standard_normal(3).astype(dtype)
+    running_var = rng.uniform(0.5, 2, 3).astype(dtype)
+    y = fastbn.batch_norm(x, running_mean, running_var)
+    expected = forward_eval(x, running_mean, running_var)
+    tolerance = 8 * np.finfo(dtype).eps * np.abs(expected).max()
+    np.testing.assert_allclose(y, expected, rtol=0, atol=tolerance)
