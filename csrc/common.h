@@ -55,6 +55,8 @@
 /* Whether a kernel writing `bytes` of output should stream it (runtime.c). */
 int fbn_stream_output(int64_t bytes);
 #define FBN_STREAM_MIN_BYTES (8 * 1024 * 1024)
+/* Values of a streaming vector, at most: how far per-channel constants are wrapped. */
+#define FBN_WRAP 16
 
 /* Data of one tile that the second pass of a kernel expects to find in L2: most of this
    core's L2 (runtime.c), or FBN_L2_DEFAULT_BYTES where the system does not say. */

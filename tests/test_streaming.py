@@ -15,6 +15,8 @@ from reference import forward_eval, forward_train
 
 #: (2, 3, L) with L odd: every run of a channel starts at another offset from a cache line.
 SHAPE = (2, 3, 700_001)
+#: Channels-last, (N, C): whole rows stream as one block, with C below, at and past a vector.
+ROWS_SHAPES = [(1_000_003, 3), (100_003, 37), (50_001, 64)]
 
 
 def test_outputs_past_8_mib_stream_and_smaller_ones_do_not():
@@ -23,6 +25,7 @@ def test_outputs_past_8_mib_stream_and_smaller_ones_do_not():
     if not streams(8 * 2**20 + 1):
         pytest.skip("this CPU has no AVX-512: nothing streams")
     assert streams(np.prod(SHAPE) * 4)
+    assert all(streams(np.prod(shape) * 4) for shape in ROWS_SHAPES)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -37,6 +40,25 @@ def test_streamed_training_forward_matches_the_reference(dtype, in_place):
     y, _, _ = fastbn.batch_norm_train(x, weight, bias, out=out)
     tolerance = 8 * np.finfo(dtype).eps * np.abs(expected).max()
     np.testing.assert_allclose(y, expected, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", ROWS_SHAPES, ids=str)
+def test_streamed_channels_last_forward_matches_the_reference(dtype, shape):
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal(shape) * 2 - 5).astype(dtype)
+    channels = shape[1]
+    weight = rng.uniform(0.5, 2, channels).astype(dtype)
+    bias = rng.standard_normal(channels).astype(dtype)
+    running_mean = rng.standard_normal(channels).astype(dtype)
+    running_var = rng.uniform(0.5, 2, channels).astype(dtype)
+    for got, expected in (
+        (fastbn.batch_norm_train(x, weight, bias)[0], forward_train(x, weight, bias)[0]),
+        (fastbn.batch_norm(x, running_mean, running_var, weight, bias),
+         forward_eval(x, running_mean, running_var, weight, bias)),
+    ):
+        tolerance = 8 * np.finfo(dtype).eps * np.abs(expected).max()
+        np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
