@@ -21,6 +21,9 @@
 #define FBN_VEC_MASK_STORE _mm512_mask_storeu_pd
 #define FBN_VEC_STREAM _mm512_stream_pd
 #define FBN_VEC_AFFINE(x, c, s, b) _mm512_fmadd_pd(_mm512_sub_pd(x, c), s, b)
+/* ((dy - k_0) - (x - mean) * k_x) * k_dy, as run_grad_input computes it */
+#define FBN_VEC_GRAD(dy, x, mean, k_dy, k_x, k_0) \
+    _mm512_mul_pd(_mm512_fnmadd_pd(_mm512_sub_pd(x, mean), k_x, _mm512_sub_pd(dy, k_0)), k_dy)
 #endif
 
 #include "kernels/loops.inc"

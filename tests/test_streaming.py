@@ -1,4 +1,5 @@
-"""Large outputs: written with streaming stores on CPUs with AVX-512 (more than 8 MiB).
+"""Large outputs: written with streaming stores on CPUs with AVX-512 (more than 8 MiB):
+y of the forward passes, grad_x of the training backward pass.
 
 The streaming loop has its own code for the unaligned start and the end of every run, so
 it is checked here on runs whose length and offset are odd, in place and not, against the
@@ -11,7 +12,7 @@ import pytest
 import fastbn
 from fastbn import _core
 
-from reference import forward_eval, forward_train
+from reference import backward_train, forward_eval, forward_train
 
 #: (2, 3, L) with L odd: every run of a channel starts at another offset from a cache line.
 SHAPE = (2, 3, 700_001)
@@ -71,3 +72,17 @@ def test_streamed_eval_forward_matches_the_reference(dtype):
     expected = forward_eval(x, running_mean, running_var)
     tolerance = 8 * np.finfo(dtype).eps * np.abs(expected).max()
     np.testing.assert_allclose(y, expected, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [SHAPE] + ROWS_SHAPES, ids=str)
+def test_streamed_training_backward_matches_the_reference(dtype, shape):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    grad_out = rng.standard_normal(shape).astype(dtype)
+    weight = rng.uniform(0.5, 2, shape[1]).astype(dtype)
+    _, mean, invstd = fastbn.batch_norm_train(x, weight)
+    grad_x, _, _ = fastbn.batch_norm_backward(grad_out, x, mean, invstd, weight)
+    expected = backward_train(grad_out, x, mean, invstd, weight)[0]
+    tolerance = 16 * np.finfo(dtype).eps * np.abs(expected).max()
+    np.testing.assert_allclose(grad_x, expected, rtol=0, atol=tolerance)
