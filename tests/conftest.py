@@ -10,6 +10,7 @@
 
 import dataclasses
 import os
+import threading
 import warnings
 
 import numpy as np
@@ -241,3 +242,25 @@ def restore_threads():
     fastbn.set_num_threads(None)
     if fastbn.get_num_threads() != before:
         fastbn.set_num_threads(before)
+
+
+def run_threads(target, count):
+    """Runs target(0), ..., target(count - 1) in as many threads, started together; raises
+    the first exception any of them raised."""
+    errors = []
+    start = threading.Barrier(count)
+
+    def guarded(index):
+        try:
+            start.wait()
+            target(index)
+        except BaseException as error:  # reported by the test thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]

@@ -10,30 +10,8 @@ import numpy as np
 import pytest
 
 import fastbn
-from conftest import Case, assert_close
+from conftest import Case, assert_close, run_threads
 from test_threads import THREAD_FACTOR, _run_all, _scales
-
-
-def _run_threads(target, count):
-    """Runs target(0), ..., target(count - 1) in as many threads, started together; raises
-    the first exception any of them raised."""
-    errors = []
-    start = threading.Barrier(count)
-
-    def guarded(index):
-        try:
-            start.wait()
-            target(index)
-        except BaseException as error:  # reported by the test thread
-            errors.append(error)
-
-    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
 
 
 def test_kernels_release_the_gil():
@@ -109,7 +87,7 @@ def test_concurrent_calls_with_changing_thread_counts_match_serial_calls(rng):
             result = _run_all(MIXED_CASES[index], *inputs[index], statistics=statistics)
             results[worker].append((index, threads, result))
 
-    _run_threads(work, workers)
+    run_threads(work, workers)
 
     for worker_results in results:
         assert len(worker_results) == rounds
@@ -142,7 +120,7 @@ def test_shared_layer_serves_large_eval_calls_from_many_threads(rng):
     def work(index):
         results[index] = [(bn(inputs[index]), bn(examples[index])) for _ in range(5)]
 
-    _run_threads(work, 4)
+    run_threads(work, 4)
     for index, rounds in enumerate(results):
         for y, y_example in rounds:
             np.testing.assert_array_equal(y, expected[index])
@@ -159,7 +137,7 @@ def test_shared_layer_training_on_large_batches_is_serialized(rng):
     for _ in range(workers * calls):
         serial(x)
     shared = fastbn.BatchNorm(64, momentum=0.05)
-    _run_threads(lambda index: [shared(x) for _ in range(calls)], workers)
+    run_threads(lambda index: [shared(x) for _ in range(calls)], workers)
     assert shared.num_batches_tracked == workers * calls
     np.testing.assert_array_equal(shared.running_mean, serial.running_mean)
     np.testing.assert_array_equal(shared.running_var, serial.running_var)

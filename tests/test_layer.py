@@ -13,6 +13,7 @@ import threading
 import numpy as np
 import pytest
 
+from conftest import run_threads
 from fastbn._core import batch_norm as functional_batch_norm
 from fastbn.layer import BatchNorm, fold
 
@@ -992,24 +993,6 @@ def frequent_thread_switches():
     sys.setswitchinterval(1e-6)
     yield
     sys.setswitchinterval(interval)
-
-
-def run_threads(target, count):
-    errors = []
-
-    def guarded(index):
-        try:
-            target(index)
-        except BaseException as error:  # reported by the test thread
-            errors.append(error)
-
-    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
 
 
 def test_concurrent_eval_calls_equal_serial_calls(rng, frequent_thread_switches):
