@@ -244,6 +244,20 @@ def restore_threads():
         fastbn.set_num_threads(before)
 
 
+def grad_x_terms(dy, xhat, training):
+    """Per element, the sum of |terms| of grad_x / (weight * invstd), for (C, M) channel rows:
+    |dy| in eval; |dy| + mean|dy| + |xhat| * mean|dy * xhat| in training, where grad_x is
+    weight * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)). The scale of its rounding."""
+    terms = np.abs(dy)
+    if training:
+        terms = (
+            terms
+            + np.abs(dy).mean(axis=1, keepdims=True)
+            + np.abs(xhat) * np.abs(dy * xhat).mean(axis=1, keepdims=True)
+        )
+    return terms
+
+
 def run_threads(target, count):
     """Runs target(0), ..., target(count - 1) in as many threads, started together; raises
     the first exception any of them raised."""

@@ -32,6 +32,7 @@ from conftest import (
     assert_close,
     assert_unchanged,
     cases,
+    grad_x_terms,
     in_order,
     snapshot,
 )
@@ -167,13 +168,7 @@ def _assert_gradients_match(case, got, expected, grad_out, x, mean, invstd, weig
     column = lambda per_channel: np.asarray(per_channel, dtype=np.float64)[:, None]  # noqa: E731
     xhat = (reference.as_channel_rows(x, case.axis) - column(mean)) * column(invstd)
     slope = np.abs(column(invstd) * (1.0 if weight is None else column(weight)))
-    terms = np.abs(dy)
-    if training:
-        terms = (
-            terms
-            + np.abs(dy).mean(axis=1, keepdims=True)
-            + np.abs(xhat) * np.abs(dy * xhat).mean(axis=1, keepdims=True)
-        )
+    terms = grad_x_terms(dy, xhat, training)
     grad_x_scale = np.moveaxis(
         (slope * terms).reshape(np.moveaxis(x, case.axis, 0).shape), 0, case.axis
     )

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import fastbn
-from conftest import LARGE_LAYOUTS, accumulation, assert_close, cases
+from conftest import LARGE_LAYOUTS, accumulation, assert_close, cases, grad_x_terms
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
 
@@ -89,13 +89,7 @@ def _scales(case, x, weight, grad_out, single):
             np.max((slope * magnitude + np.abs(weight) * np.abs(xhat).max(axis=1)) * statistic)
         )
     for training in (True, False):
-        terms = np.abs(dy)
-        if training:
-            terms = (
-                terms
-                + np.abs(dy).mean(axis=1, keepdims=True)
-                + np.abs(xhat) * np.abs(dy * xhat).mean(axis=1, keepdims=True)
-            )
+        terms = grad_x_terms(dy, xhat, training)
         scales[f"grad_x training={training}"] = _from_channel_rows(
             slope[:, None] * terms, x, case.axis
         )
