@@ -154,6 +154,24 @@ def test_float64_variance_within_its_condition_number(shape, ratio):
     assert error <= bound, f"relative error of the variance: {error:.3g} > {bound:.3g}"
 
 
+@layouts
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_outlier_at_the_start_of_the_data(shape, dtype):
+    """The kernels centre their first sums on the first values they read: an outlier there,
+    10**4 standard deviations from the mean, must not cost accuracy."""
+    x = _offset_data(shape, 1e3).astype(dtype)
+    _, var, _ = reference.batch_moments(x)
+    first = (0, slice(None)) + (0,) * (len(shape) - 2)
+    x[first] += (1e4 * np.sqrt(var) * np.sign(x[first])).astype(dtype)
+    _, expected_var, _ = reference.batch_moments(x)
+
+    _, _, invstd = fastbn.batch_norm_train(x, eps=0.0)
+
+    error = _relative_error(1.0 / invstd.astype(np.float64) ** 2, expected_var)
+    bound = VARIANCE_RELATIVE_ERROR if dtype == np.float32 else 1e3 * np.finfo(np.float64).eps
+    assert error <= bound, f"relative error of the variance: {error:.3g} > {bound:.3g}"
+
+
 def test_pytorch_float32_variance_error_is_much_larger():
     """Cross-check, documenting DESIGN.md: PyTorch's CPU batch norm on (N, C) float32 input
     with |mean| / std = 1e5 gets the variance wrong by orders of magnitude (measured with
