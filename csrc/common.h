@@ -138,18 +138,18 @@ typedef struct {
 } fbn_tile;
 
 /*
- * Steps through the contiguous runs of channel c within positions [*m, m1): sets the
- * run's first element (*at, an offset into the array) and length (*n), advances *m.
- * Returns 0 when no run is left.
+ * Steps through positions [*m, m1) in memory order, one outer index at a time: sets the
+ * offset of channel 0's values at that outer index (*at; channel c's run of *n contiguous
+ * values starts at *at + c * inner) and the run length *n, advances *m. Returns 0 when no
+ * run is left.
  */
-static inline int fbn_next_run(fbn_shape shape, int64_t c, int64_t *m, int64_t m1, int64_t *at,
-                               int64_t *n)
+static inline int fbn_next_span(fbn_shape shape, int64_t *m, int64_t m1, int64_t *at, int64_t *n)
 {
     if (*m >= m1)
         return 0;
     const int64_t o = *m / shape.inner, i = *m - o * shape.inner;
     *n = shape.inner - i < m1 - *m ? shape.inner - i : m1 - *m;
-    *at = (o * shape.channels + c) * shape.inner + i;
+    *at = o * shape.channels * shape.inner + i;
     *m += *n;
     return 1;
 }

@@ -527,8 +527,8 @@ def _contiguous_runs(outer, channels, inner, channel, begin, end):
     shape.outer, shape.channels, shape.inner = outer, channels, inner
     cdef int64_t m = begin, at, n
     runs = []
-    while fbn_next_run(shape, channel, &m, end, &at, &n):
-        runs.append((at, n))
+    while fbn_next_span(shape, &m, end, &at, &n):
+        runs.append((at + channel * inner, n))  # as the tile loops address channel c
     return runs
 
 
