@@ -90,9 +90,12 @@ SMALL_LAYOUTS = (
 #: several), covering both loop families and both ways of splitting work:
 #: inner > 1 by channel, inner > 1 by position (C < threads, and splits inside a run),
 #: inner == 1 ((N, C) and channels-last) by channel, by position, and with more channels
-#: than one column block.
+#: than one column block; and short runs seen as rows of C * inner columns ("spread":
+#: inner 3 everywhere, inner 49 in the reductions but not in eval).
 LARGE_LAYOUTS = (
     ((32, 64, 8, 8), 1),
+    ((600, 64, 3), 1),
+    ((100, 40, 7, 7), 1),
     ((2, 3, 40000), 1),
     ((3, 2, 30001), 1),
     ((4096, 256), 1),
