@@ -22,10 +22,9 @@ fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int parallel_onl
     if (fit < granule)
         return plan; /* not even one granule stays in cache: stream by position */
 
-    /* At least one tile per thread, then tiles of equal size. */
+    /* A whole number of tiles per thread, then tiles of equal size. */
     int64_t tiles = (C + fit - 1) / fit;
-    if (tiles < plan.nparts)
-        tiles = plan.nparts;
+    tiles = (tiles + plan.nparts - 1) / plan.nparts * plan.nparts;
     int64_t per_tile = (C + tiles - 1) / tiles;
     per_tile = (per_tile + granule - 1) / granule * granule;
     tiles = (C + per_tile - 1) / per_tile;
