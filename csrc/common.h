@@ -74,6 +74,12 @@ int64_t fbn_tile_budget_bytes(void);
 /* Bytes of x per block of rows: a block and the one prefetched after it stay in L2. */
 #define FBN_BLOCK_BYTES (128 * 1024)
 
+/* The elementwise loops over rows (normalize, grad_x) read a constant per column, from
+   three or four arrays: they go a chunk of FBN_CHUNK_BYTES of each array at a time, so that
+   the chunk's constants stay in L1 while the rows go by. (256, 1024) float64 eval: 0.62x
+   the time of whole rows. */
+#define FBN_CHUNK_BYTES 4096
+
 /* Rows per block, for rows of `row_bytes` (of all the arrays read): FBN_BLOCK_BYTES, but at
    least 8 rows, or very wide rows (a spread view: common.h) pay a merge per row. */
 static inline int64_t fbn_block_rows(int64_t row_bytes)
