@@ -405,6 +405,23 @@ def test_eval_and_eval_backward_accept_one_value_per_channel(dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels", [1, 7, 33, 512])
+@pytest.mark.parametrize("affine", [False, True])
+def test_one_example_in_eval_is_its_row_of_a_batch_bit_for_bit(dtype, channels, affine, rng):
+    """A single example takes its own short path through the eval kernel: it must give
+    exactly what the same example gives within a batch, and match the reference."""
+    case = Case(dtype, (5, channels), 1, "C")
+    batch = case.array(rng)
+    running_mean, running_var = _running_stats(case, rng)
+    weight, bias = (case.per_channel(rng), case.per_channel(rng)) if affine else (None, None)
+    batched = fastbn.batch_norm(batch, running_mean, running_var, weight, bias)
+    for row in range(batch.shape[0]):
+        one = fastbn.batch_norm(batch[row : row + 1], running_mean, running_var, weight, bias)
+        np.testing.assert_array_equal(one, batched[row : row + 1])
+    check_y(case, batched, reference.forward_eval(batch, running_mean, running_var, weight, bias))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "layout", [((6, 3, 5), 1), ((9, 4), 1), ((2, 4, 4100), 1), ((4096, 3), 1)], ids=str
 )
