@@ -65,12 +65,15 @@ cdef cnp.ndarray _channel_array(object value, str name, cnp.ndarray x, cnp.npy_i
 
 cdef int _channel_axis(object axis, int ndim) except -1:
     cdef Py_ssize_t index
-    if isinstance(axis, bool):
+    if type(axis) is int:  # the common case, without a call to operator.index
+        index = axis
+    elif isinstance(axis, bool):
         raise TypeError("axis must be an integer, got bool")
-    try:
-        index = operator.index(axis)
-    except TypeError:
-        raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
+    else:
+        try:
+            index = operator.index(axis)
+        except TypeError:
+            raise TypeError(f"axis must be an integer, got {type(axis).__name__}") from None
     if not -ndim <= index < ndim:
         raise np.exceptions.AxisError(index, ndim, "axis")
     return index + ndim if index < 0 else index
