@@ -36,7 +36,8 @@ enum { FBN_OK = 0, FBN_NO_MEMORY = 1 };
                                   const T *running_var, const T *weight, const T *bias,       \
                                   double eps);                                                \
     /* Backward. training != 0: mean/invstd are batch statistics (depend on x);              \
-       training == 0: they are constants. grad_weight and grad_bias are always written. */   \
+       training == 0: they are constants. grad_weight and grad_bias are always written.      \
+       grad_x may be grad_out or x (in place), but must not overlap them otherwise. */       \
     int fbn_backward_##SUFFIX(const T *grad_out, const T *x, T *grad_x, fbn_shape shape,      \
                               const T *mean, const T *invstd, const T *weight, int training,  \
                               T *grad_weight, T *grad_bias);

@@ -103,6 +103,7 @@ def batch_norm_backward(  # type: ignore[overload-overlap]
     *,
     training: bool = True,
     axis: SupportsIndex = 1,
+    out: _F32 | None = None,
 ) -> tuple[_F32, _F32, _F32]: ...
 @overload
 def batch_norm_backward(
@@ -114,6 +115,7 @@ def batch_norm_backward(
     *,
     training: bool = True,
     axis: SupportsIndex = 1,
+    out: _F64 | None = None,
 ) -> tuple[_F64, _F64, _F64]: ...
 @overload
 def batch_norm_backward(
@@ -125,6 +127,7 @@ def batch_norm_backward(
     *,
     training: bool = True,
     axis: SupportsIndex = 1,
+    out: _Float | None = None,
 ) -> tuple[_Float, _Float, _Float]: ...
 def get_num_threads() -> int: ...
 def set_num_threads(num_threads: SupportsIndex | None) -> None: ...

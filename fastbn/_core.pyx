@@ -413,7 +413,8 @@ def _moments(x, *, axis=1):
     return batch.shape.outer * batch.shape.inner, mean, m2
 
 
-def batch_norm_backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1):
+def batch_norm_backward(grad_out, x, mean, invstd, weight=None, *, training=True, axis=1,
+                        out=None):
     """Gradients of batch normalization with respect to x, weight and bias.
 
     Parameters
@@ -433,11 +434,14 @@ def batch_norm_backward(grad_out, x, mean, invstd, weight=None, *, training=True
         is included. False: they are constants (eval mode).
     axis : int, keyword-only
         The channel axis.
+    out : numpy.ndarray, optional, keyword-only
+        Where to write grad_x: C-contiguous, writable, x's shape and dtype. ``out=grad_out``
+        (or ``out=x``) works in place.
 
     Returns
     -------
     grad_x : numpy.ndarray
-        x's shape and dtype, C-contiguous.
+        x's shape and dtype, C-contiguous (``out`` if given).
     grad_weight, grad_bias : numpy.ndarray of shape (C,)
         ``sum(grad_out * (x - mean) * invstd)`` and ``sum(grad_out)`` over all but the
         channel axis, accumulated in float64; returned even when weight is None.
@@ -466,8 +470,11 @@ def batch_norm_backward(grad_out, x, mean, invstd, weight=None, *, training=True
         _check_training_batch(batch)
     grad_array = _kernel_ready(grad_array)
 
+    cdef cnp.ndarray grad_x = _output(batch, out)
+    if (out is not None and cnp.PyArray_DATA(grad_x) != cnp.PyArray_DATA(grad_array)
+            and np.may_share_memory(grad_x, grad_array)):
+        grad_array = grad_array.copy()  # out overlaps grad_out without being it: read a copy
     cdef cnp.ndarray x_array = batch.x
-    cdef cnp.ndarray grad_x = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x_array), cnp.PyArray_DIMS(x_array), cnp.PyArray_TYPE(x_array), 0)
     cdef cnp.ndarray grad_weight = cnp.PyArray_EMPTY(1, &channels, cnp.PyArray_TYPE(x_array), 0)
     cdef cnp.ndarray grad_bias = cnp.PyArray_EMPTY(1, &channels, cnp.PyArray_TYPE(x_array), 0)
     cdef const void *dyp = _data(grad_array)

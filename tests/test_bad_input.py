@@ -52,6 +52,7 @@ def _valid_arguments(function, dtype):
         return {"x": x, "axis": 1}
     per_channel = lambda low, high: rng.uniform(low, high, CHANNELS).astype(dtype)  # noqa: E731
     arguments = {"x": x, "weight": per_channel(0.5, 2), "axis": 1}
+    arguments["out"] = np.full(SHAPE, 7.0, dtype=dtype)  # a sentinel: must stay as it is
     if function in BACKWARD:
         arguments["grad_out"] = rng.standard_normal(SHAPE).astype(dtype)
         arguments["mean"] = per_channel(-1, 1)
@@ -59,7 +60,6 @@ def _valid_arguments(function, dtype):
         return arguments
     arguments["bias"] = per_channel(-1, 1)
     arguments["eps"] = 1e-5
-    arguments["out"] = np.full(SHAPE, 7.0, dtype=dtype)  # a sentinel: must stay as it is
     if function in BATCH_NORM:
         arguments["running_mean"] = per_channel(-1, 1)
         arguments["running_var"] = per_channel(0.5, 2)
@@ -227,32 +227,32 @@ CASES = [
     Bad("no-value-(2,C,0)", TRAINING, _one_value_per_channel((2, CHANNELS, 0)),
         ValueError, ONE_VALUE),
     # out
-    Bad("out-list", FORWARD, {"out": lambda a, d: a["out"].tolist()}, TypeError, OUT_KIND),
-    Bad("out-python-scalar", FORWARD, {"out": 0.0}, TypeError, OUT_KIND),
-    Bad("out-other-float-dtype", FORWARD,
+    Bad("out-list", ALL, {"out": lambda a, d: a["out"].tolist()}, TypeError, OUT_KIND),
+    Bad("out-python-scalar", ALL, {"out": 0.0}, TypeError, OUT_KIND),
+    Bad("out-other-float-dtype", ALL,
         {"out": lambda a, d: a["out"].astype(_other_float(d))}, TypeError, OUT_DTYPE),
-    Bad("out-int", FORWARD, {"out": np.full(SHAPE, 7, np.int64)}, TypeError, OUT_DTYPE),
-    Bad("out-float16", FORWARD, {"out": np.full(SHAPE, 7, np.float16)}, TypeError, OUT_DTYPE),
-    Bad("out-complex", FORWARD, {"out": np.full(SHAPE, 7, np.complex128)}, TypeError, OUT_DTYPE),
-    Bad("out-bool", FORWARD, {"out": np.ones(SHAPE, np.bool_)}, TypeError, OUT_DTYPE),
-    Bad("out-object", FORWARD, {"out": np.full(SHAPE, 7.0, object)}, TypeError, OUT_DTYPE),
-    Bad("out-string", FORWARD, {"out": np.full(SHAPE, "7")}, TypeError, OUT_DTYPE),
-    Bad("out-per-channel-shape", FORWARD, {"out": lambda a, d: np.full(CHANNELS, 7.0, d)},
+    Bad("out-int", ALL, {"out": np.full(SHAPE, 7, np.int64)}, TypeError, OUT_DTYPE),
+    Bad("out-float16", ALL, {"out": np.full(SHAPE, 7, np.float16)}, TypeError, OUT_DTYPE),
+    Bad("out-complex", ALL, {"out": np.full(SHAPE, 7, np.complex128)}, TypeError, OUT_DTYPE),
+    Bad("out-bool", ALL, {"out": np.ones(SHAPE, np.bool_)}, TypeError, OUT_DTYPE),
+    Bad("out-object", ALL, {"out": np.full(SHAPE, 7.0, object)}, TypeError, OUT_DTYPE),
+    Bad("out-string", ALL, {"out": np.full(SHAPE, "7")}, TypeError, OUT_DTYPE),
+    Bad("out-per-channel-shape", ALL, {"out": lambda a, d: np.full(CHANNELS, 7.0, d)},
         ValueError, OUT_SHAPE),
-    Bad("out-byte-swapped", FORWARD,
+    Bad("out-byte-swapped", ALL,
         {"out": lambda a, d: a["out"].astype(a["out"].dtype.newbyteorder("S"))},
         TypeError, OUT_DTYPE),
-    Bad("out-wrong-shape", FORWARD, {"out": lambda a, d: np.full((4, CHANNELS, 6), 7.0, d)},
+    Bad("out-wrong-shape", ALL, {"out": lambda a, d: np.full((4, CHANNELS, 6), 7.0, d)},
         ValueError, OUT_SHAPE),
-    Bad("out-transposed-shape", FORWARD, {"out": lambda a, d: np.full(SHAPE[::-1], 7.0, d)},
+    Bad("out-transposed-shape", ALL, {"out": lambda a, d: np.full(SHAPE[::-1], 7.0, d)},
         ValueError, OUT_SHAPE),
-    Bad("out-fortran-order", FORWARD, {"out": lambda a, d: np.asfortranarray(a["out"])},
+    Bad("out-fortran-order", ALL, {"out": lambda a, d: np.asfortranarray(a["out"])},
         ValueError, OUT_LAYOUT),
-    Bad("out-strided", FORWARD, {"out": lambda a, d: np.full((4, CHANNELS, 10), 7.0, d)[..., ::2]},
+    Bad("out-strided", ALL, {"out": lambda a, d: np.full((4, CHANNELS, 10), 7.0, d)[..., ::2]},
         ValueError, OUT_LAYOUT),
-    Bad("out-unaligned", FORWARD, {"out": lambda a, d: _unaligned(a["out"])},
+    Bad("out-unaligned", ALL, {"out": lambda a, d: _unaligned(a["out"])},
         ValueError, OUT_LAYOUT),
-    Bad("out-read-only", FORWARD, {"out": lambda a, d: _read_only(a["out"])},
+    Bad("out-read-only", ALL, {"out": lambda a, d: _read_only(a["out"])},
         ValueError, r"^out is read-only"),
     # grad_out
     Bad("grad_out-list", BACKWARD, {"grad_out": lambda a, d: a["grad_out"].tolist()},

@@ -555,6 +555,78 @@ def test_out_overlapping_x_gives_the_result_for_the_original_x(function, dtype, 
     check_y(case, out, expected)
 
 
+def _call_backward(training, case, rng, arrange):
+    """batch_norm_backward with out=: ``arrange(grad_out, x)`` returns the (grad_out, x, out)
+    to pass, equal in value to the inputs it got. Checks grad_x against the reference of
+    copies taken before the call; returns (grad_x, out)."""
+    x, grad_out, weight, mean, invstd = _backward_inputs(case, rng)
+    if not training:
+        mean, running_var = _running_stats(case, rng)
+        invstd = (1.0 / np.sqrt(running_var.astype(np.float64) + EPS)).astype(case.dtype)
+    original_x, original_grad_out = x.copy(), grad_out.copy()
+    grad_out, x, out = arrange(grad_out, x)
+    got = fastbn.batch_norm_backward(
+        grad_out, x, mean, invstd, weight, training=training, axis=case.axis, out=out
+    )
+    backward = reference.backward_train if training else reference.backward_eval
+    expected = backward(original_grad_out, original_x, mean, invstd, weight, axis=case.axis)
+    _assert_gradients_match(
+        case, got, expected, original_grad_out, original_x, mean, invstd, weight, training
+    )
+    return got[0], out
+
+
+BACKWARD_OUT_CASES = cases(
+    (((3, 4, 5), 1), ((32, 64, 8, 8), 1), ((600, 64, 3), 1), ((4096, 256), 1), ((40000, 3), 1)),
+    orders=("C",),
+)
+
+
+@pytest.mark.parametrize("case", BACKWARD_OUT_CASES)
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+@pytest.mark.parametrize(
+    "arrange",
+    [
+        lambda grad_out, x: (grad_out, x, np.full_like(x, np.nan)),
+        lambda grad_out, x: (grad_out, x, grad_out),
+        lambda grad_out, x: (grad_out, x, x),
+    ],
+    ids=["new-array", "out=grad_out", "out=x"],
+)
+def test_backward_out_receives_grad_x_also_in_place(training, case, arrange, rng):
+    """out= takes grad_x; out=grad_out and out=x work in place (every value is read before
+    its place is written)."""
+    grad_x, out = _call_backward(training, case, rng, arrange)
+    assert grad_x is out
+
+
+def _one_element_before_out(array):
+    """A copy of ``array`` and an out array one element further on in the same buffer."""
+    buffer = np.concatenate([array.reshape(-1), array.reshape(-1)[:1]])
+    return buffer[:-1].reshape(array.shape), buffer[1:].reshape(array.shape)
+
+
+def _out_overlapping_grad_out(grad_out, x):
+    grad_out, out = _one_element_before_out(grad_out)
+    return grad_out, x, out
+
+
+def _out_overlapping_x(grad_out, x):
+    x, out = _one_element_before_out(x)
+    return grad_out, x, out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+@pytest.mark.parametrize("arrange", [_out_overlapping_grad_out, _out_overlapping_x])
+def test_backward_out_overlapping_an_input_gives_the_result_for_the_original(
+    dtype, training, arrange, rng
+):
+    """out one element past grad_out (or x) in the same buffer: the input is read as it was."""
+    grad_x, out = _call_backward(training, Case(dtype, (6, 5, 3), 1, "C"), rng, arrange)
+    assert grad_x is out
+
+
 # ----------------------------------------------------------- what inputs may be
 
 
