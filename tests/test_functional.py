@@ -142,6 +142,14 @@ def _running_stats(case, rng):
     return running_mean, running_var
 
 
+def _eval_constants(case, rng):
+    """What an eval-mode backward pass takes as mean and invstd: running_mean and
+    1 / sqrt(running_var + eps), in x's dtype."""
+    running_mean, running_var = _running_stats(case, rng)
+    invstd = (1.0 / np.sqrt(running_var.astype(np.float64) + EPS)).astype(case.dtype)
+    return running_mean, invstd
+
+
 def _backward_inputs(case, rng):
     """x, grad_out, weight, and the batch mean/invstd (from the reference, in x's dtype)."""
     x = case.array(rng)
@@ -261,8 +269,7 @@ def test_backward_training_matches_reference(case, rng):
 @pytest.mark.parametrize("case", ALL_CASES)
 def test_backward_eval_matches_reference(case, rng):
     x, grad_out, weight, _, _ = _backward_inputs(case, rng)
-    running_mean, running_var = _running_stats(case, rng)
-    invstd = (1.0 / np.sqrt(running_var.astype(np.float64) + EPS)).astype(case.dtype)
+    running_mean, invstd = _eval_constants(case, rng)
 
     got = fastbn.batch_norm_backward(
         grad_out, x, running_mean, invstd, weight, training=False, axis=case.axis
@@ -561,8 +568,7 @@ def _call_backward(training, case, rng, arrange):
     copies taken before the call; returns (grad_x, out)."""
     x, grad_out, weight, mean, invstd = _backward_inputs(case, rng)
     if not training:
-        mean, running_var = _running_stats(case, rng)
-        invstd = (1.0 / np.sqrt(running_var.astype(np.float64) + EPS)).astype(case.dtype)
+        mean, invstd = _eval_constants(case, rng)
     original_x, original_grad_out = x.copy(), grad_out.copy()
     grad_out, x, out = arrange(grad_out, x)
     got = fastbn.batch_norm_backward(
