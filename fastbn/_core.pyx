@@ -349,7 +349,7 @@ def batch_norm_train(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None):
         As :func:`batch_norm`.
     """
     y, mean, var = _train_forward(x, weight, bias, eps, axis=axis, out=out)
-    return (y,) + _mean_and_invstd(mean, var, _eps(eps), cnp.PyArray_TYPE(y))
+    return (y,) + _mean_and_invstd(mean, var, eps, cnp.PyArray_TYPE(y))  # eps checked above
 
 
 @cython.cdivision(True)  # eps = 0 and a constant channel: invstd = 1 / 0 = inf, no error
