@@ -21,7 +21,7 @@ import numpy as np
 
 from fastbn._core import batch_norm as _batch_norm
 from fastbn._core import batch_norm_backward as _batch_norm_backward
-from fastbn._core import _train_forward
+from fastbn._core import _may_share_memory, _train_forward
 from fastbn.moments import Moments, moments
 
 __all__ = ["BatchNorm", "fold"]
@@ -284,7 +284,7 @@ class BatchNorm:
                 batch_x, batch_out)
             if update:
                 self._update_running_statistics(count, mean, var)
-            if batch_out is not None and np.may_share_memory(batch_out, batch_x):
+            if batch_out is not None and _may_share_memory(batch_out, batch_x):
                 self._context = _OVERWRITTEN
             else:
                 self._context = _Context(x, mean.astype(self.dtype), self._invstd(var), True,
@@ -328,7 +328,7 @@ class BatchNorm:
         mean, var, corrected = self._eval_statistics()
         y = _batch_norm(batch_x, mean, var, self.weight, self.bias, False, 0.1, self.eps,
                         axis=self.axis, out=batch_out)
-        if batch_out is not None and np.may_share_memory(batch_out, batch_x):
+        if batch_out is not None and _may_share_memory(batch_out, batch_x):
             self._context = _OVERWRITTEN
         elif corrected:
             self._context = _Context(x, mean, self._invstd(var), False)
@@ -812,7 +812,7 @@ def _is_dask_array(value):
 
 
 def _context_unless_overwritten(x, out):
-    return _OVERWRITTEN if np.may_share_memory(out, x) else x
+    return _OVERWRITTEN if _may_share_memory(out, x) else x
 
 
 # ---------------------------------------------------------------------------- fold

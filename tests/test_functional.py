@@ -22,6 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastbn
+from fastbn._core import _may_share_memory
 import reference
 from conftest import (
     ALL_CASES,
@@ -560,6 +561,26 @@ def test_out_overlapping_x_gives_the_result_for_the_original_x(function, dtype, 
     y, expected = _call_forward(function, x, case, rng, out)
     assert y is out
     check_y(case, out, expected)
+
+
+def _views_of_one_buffer():
+    buffer = np.arange(48.0).reshape(6, 8)
+    return {
+        "same": buffer, "rows 1:": buffer[1:], "rows :3": buffer[:3], "rows 3:": buffer[3:],
+        "even columns": buffer[:, ::2], "odd columns": buffer[:, 1::2],
+        "reversed": buffer[::-1], "reversed, last 2 rows": buffer[::-1][4:],
+        "transposed": buffer.T, "empty": buffer[:0], "other buffer": np.zeros((6, 8)),
+    }
+
+
+@pytest.mark.parametrize("second", list(_views_of_one_buffer()))
+@pytest.mark.parametrize("first", list(_views_of_one_buffer()))
+def test_overlap_check_agrees_with_numpy_may_share_memory(first, second):
+    """The kernels' overlap test of out against the inputs (numpy's bounds test, without its
+    call overhead) answers as numpy.may_share_memory, negative strides included."""
+    views = _views_of_one_buffer()
+    a, b = views[first], views[second]
+    assert _may_share_memory(a, b) == np.may_share_memory(a, b)
 
 
 def _call_backward(training, case, rng, arrange):
