@@ -12,12 +12,6 @@ import fastbn
 from fastbn import bench
 
 
-@pytest.fixture(scope="session", autouse=True)
-def malloc_keeps_freed_memory():
-    """As ``python -m fastbn bench`` does: new arrays cost no page faults (bench.allocator)."""
-    bench.keep_freed_memory()
-
-
 @pytest.fixture(scope="session")
 def torch_or_none():
     """torch with fastbn's thread count, or None when it cannot be imported."""

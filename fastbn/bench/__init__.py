@@ -18,10 +18,6 @@ copy
     The floor for a memory-bound operation: one read of x and one write of an array of the
     same size. The faster of ``numpy.copyto`` and a copy split over fastbn's thread count.
 
-fastbn, torch and numpy return new arrays: the command asks glibc's malloc to keep freed
-memory (:mod:`.allocator`), so that none of them pays page faults whose number depends on
-the allocator's history rather than on the contender.
-
 The machine may be shared and noisy, so the contenders are interleaved: every round calls
 each of them in turn (a few calls each, in a rotating order), and the table reports each
 contender's median per-call time over all rounds. The number of rounds adapts to a time
@@ -41,9 +37,6 @@ One module per job, in the order a run uses them:
     How they are timed: warm-up, a plan per contender, interleaved rounds, medians.
 ``load``
     Other processes' load on the cores during a measurement, and waiting for idle cores.
-``allocator``
-    :func:`keep_freed_memory`: new arrays reuse touched pages instead of costing page faults
-    (the CLI and the pytest-benchmark suite call it; ``--default-malloc`` skips it).
 ``runner``
     :func:`run`: every case, operation and thread count measured into a ``Report``.
 ``report``
@@ -54,7 +47,6 @@ One module per job, in the order a run uses them:
 This package re-exports the names the CLI, the tests and the pytest-benchmark suite use.
 """
 
-from .allocator import keep_freed_memory
 from .cases import DEFAULT_CASES, OP_TITLES, OPS, QUICK_CASES, Case, parse_case, select_cases
 from .cli import add_arguments, main, run_from_args
 from .contender import (
@@ -79,7 +71,6 @@ __all__ = [
     "add_arguments",
     "contenders",
     "import_torch",
-    "keep_freed_memory",
     "main",
     "numpy_backward",
     "numpy_eval",

@@ -9,7 +9,6 @@ import sys
 
 import fastbn
 
-from .allocator import keep_freed_memory
 from .cases import DEFAULT_CASES, DTYPES, OPS, select_cases
 from .report import format_report
 from .runner import run
@@ -82,11 +81,6 @@ def add_arguments(parser):
         help="before each measurement, wait up to this long for other processes to leave the "
              "cores idle (for a shared machine; not counted in --budget)",
     )
-    parser.add_argument(
-        "--default-malloc", action="store_true",
-        help="leave the C allocator's settings alone: new arrays may then cost page faults, "
-             "more or fewer from run to run (by default glibc's malloc keeps freed memory)",
-    )
     parser.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
     parser.add_argument("--no-scaling", action="store_true", help="skip the thread-scaling table")
     parser.add_argument(
@@ -112,8 +106,6 @@ def run_from_args(args):
     ops = OPS if not args.ops or "all" in args.ops else tuple(op for op in OPS if op in args.ops)
     budget = args.budget if args.budget is not None else (1.0 if args.quick else 80.0)
 
-    malloc_note = None if args.default_malloc else keep_freed_memory()
-
     def progress(line):
         print(line, file=sys.stderr, flush=True)
 
@@ -122,7 +114,6 @@ def run_from_args(args):
         budget_s=budget, quick=args.quick, scaling=not args.no_scaling, wait_idle_s=args.wait_idle,
         progress=None if args.quiet else progress,
     )
-    report.malloc_note = malloc_note
     print(format_report(report, markdown=args.markdown))
     return 0
 

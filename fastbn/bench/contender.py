@@ -156,23 +156,27 @@ def _torch_tensors(torch, case, inputs):
     return tensors
 
 
-def fastbn_call(case, op, inputs, layer=None):
-    """fastbn's callable for one case and operation; ``layer`` is timed for eval if given."""
+def fastbn_call(case, op, inputs, layer=None, out=None):
+    """fastbn's callable for one case and operation; ``layer`` is timed for eval if given.
+
+    ``out``: an array of x's shape and dtype that every call writes its result (y or
+    grad_x) into, as ``out=``; without it each call returns a new array.
+    """
     x, axis = inputs.x, case.axis
     weight, bias = inputs.weight, inputs.bias
     if op == "train":
-        return lambda: fastbn.batch_norm_train(x, weight, bias, EPS, axis=axis)
+        return lambda: fastbn.batch_norm_train(x, weight, bias, EPS, axis=axis, out=out)
     if op == "backward":
         grad_out, mean, invstd = inputs.grad_out, inputs.mean, inputs.invstd
         return lambda: fastbn.batch_norm_backward(
-            grad_out, x, mean, invstd, weight, training=True, axis=axis
+            grad_out, x, mean, invstd, weight, training=True, axis=axis, out=out
         )
     if op == "eval":
         if layer is not None:
-            return lambda: layer(x)
+            return lambda: layer(x, out=out)
         running_mean, running_var = inputs.running_mean, inputs.running_var
         return lambda: fastbn.batch_norm(
-            x, running_mean, running_var, weight, bias, False, 0.1, EPS, axis=axis
+            x, running_mean, running_var, weight, bias, False, 0.1, EPS, axis=axis, out=out
         )
     raise ValueError(f"unknown operation {op!r}: expected one of {', '.join(OPS)}")
 
@@ -180,16 +184,20 @@ def fastbn_call(case, op, inputs, layer=None):
 def contenders(case, op, inputs, threads, torch=None, copy_pool=None, layer=None):
     """The callables to time for one case and operation, by contender name.
 
-    Names: ``fastbn`` (``layer`` for eval if given), ``torch`` (when ``torch`` is given),
-    ``torch F`` (single-example eval: ``torch.nn.functional.batch_norm``), ``numpy``,
-    ``copyto`` and ``threaded-copy`` (when ``threads`` > 1 and ``copy_pool`` is given). Torch
-    calls must run under ``torch.no_grad()``.
+    Names: ``fastbn`` (``layer`` for eval if given), ``fastbn out=`` (the same into an
+    existing array), ``torch`` (when ``torch`` is given), ``torch F`` (single-example eval:
+    ``torch.nn.functional.batch_norm``), ``numpy``, ``copyto`` and ``threaded-copy`` (when
+    ``threads`` > 1 and ``copy_pool`` is given). ``fastbn``, ``torch`` and ``numpy`` return
+    a new array each call, which the OS first fills with zeros when it is large; ``fastbn
+    out=`` and the copies write into an existing one. Torch calls must run under
+    ``torch.no_grad()``.
     """
     x, axis = inputs.x, case.axis
     weight, bias = inputs.weight, inputs.bias
     running_mean, running_var = inputs.running_mean, inputs.running_var
     grad_out, mean, invstd = inputs.grad_out, inputs.mean, inputs.invstd
-    calls = {"fastbn": fastbn_call(case, op, inputs, layer)}
+    calls = {"fastbn": fastbn_call(case, op, inputs, layer),
+             "fastbn out=": fastbn_call(case, op, inputs, layer, out=np.empty_like(x))}
     if torch is not None:
         calls.update(_torch_contenders(torch, case, op, inputs))
 

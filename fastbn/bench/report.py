@@ -58,7 +58,6 @@ class Report:
     torch_note: str = None
     started: datetime.datetime = None
     waited_s: float = 0.0  # waiting for idle cores (wait_idle_s)
-    malloc_note: str = None  # what allocator.keep_freed_memory did, if anything
     seconds: float = 0.0
 
 
@@ -138,8 +137,9 @@ def _result_rows(report):
     columns = ["case", "layout", "dtype", "op"]
     if multi_threads:
         columns.append("threads")
-    columns += ["fastbn µs"] + (["torch µs"] if torch_used else []) + ["numpy µs", "copy µs"]
-    columns += (["fastbn/torch"] if torch_used else []) + ["fastbn/copy", "numpy/fastbn"]
+    columns += ["fastbn µs", "out= µs"] + (["torch µs"] if torch_used else [])
+    columns += ["numpy µs", "copy µs"]
+    columns += (["fastbn/torch"] if torch_used else []) + ["out=/copy", "numpy/fastbn"]
     rows = []
     for result in report.results:
         medians, case = result.medians, result.case
@@ -154,14 +154,14 @@ def _result_rows(report):
             row = [case.name, case.layout, case.dtype, op]
             if multi_threads:
                 row.append(str(result.threads))
-            fast = medians["fastbn"]
-            row.append(_microseconds(fast))
+            fast, into_out = medians["fastbn"], medians["fastbn out="]
+            row += [_microseconds(fast), _microseconds(into_out)]
             if torch_used:
                 row.append(_microseconds(medians[torch_name]) if torch_name else "—")
             row += [_microseconds(medians["numpy"]), _microseconds(result.copy)]
             if torch_used:
                 row.append(_ratio(fast, medians[torch_name]) if torch_name else "—")
-            row += [_ratio(fast, result.copy), _ratio(medians["numpy"], fast)]
+            row += [_ratio(into_out, result.copy), _ratio(medians["numpy"], fast)]
             rows.append(row)
     return columns, rows
 
@@ -211,14 +211,12 @@ def _footnote(report):
     seconds = f"{report.seconds:.{0 if report.seconds >= 10 else 1}f}"
     notes = [
         f"Median time per call over {span} interleaved rounds ({seconds} s in all)."
-        f" copy: {copy} of the same array, the floor for one read of x and one write of y.",
+        f" copy: {copy} of the same array into another, the floor for one read of x and one"
+        " write of y. fastbn, torch and numpy return a new array each call (which the OS"
+        " fills with zeros first when it is large); out=: fastbn writing into an existing"
+        " array, as the copy does, and so compared with it. The thread-scaling table times"
+        " fastbn with out=.",
     ]
-    if report.malloc_note:
-        notes.append(
-            f"New arrays reused memory already touched, as the copy's target does: "
-            f"{report.malloc_note}. With the allocator's defaults their page faults vary from"
-            " run to run (--default-malloc)."
-        )
     if report.waited_s > 0:
         notes.append(f"Waited {report.waited_s:.0f} s in all for idle cores between measurements.")
     loads = [r.other_load for r in report.results + report.scaling if r.other_load is not None]

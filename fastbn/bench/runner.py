@@ -10,6 +10,8 @@ import contextlib
 import datetime
 import time
 
+import numpy as np
+
 import fastbn
 
 from .cases import LARGE_NUMEL, OP_TITLES, OPS
@@ -73,7 +75,7 @@ def run(cases, *, ops=OPS, threads=None, use_torch=True, rounds=None, budget_s=8
                 calls = contenders(case, op, inputs, n, torch, pools.get(n), layer)
             else:
                 label += ", fastbn at " + " vs ".join(map(str, scaling_threads)) + " threads"
-                call = fastbn_call(case, op, inputs)
+                call = fastbn_call(case, op, inputs, out=np.empty_like(inputs.x))
                 calls = {count: call for count in scaling_threads}
                 setup = {count: (lambda c=count: fastbn.set_num_threads(c))
                          for count in scaling_threads}
