@@ -88,10 +88,14 @@ static inline int64_t fbn_block_rows(int64_t row_bytes)
     return rows < 8 ? 8 : rows;
 }
 
-/* Forces inlining where a helper's loop bounds must become constants in its caller. */
+/* FBN_INLINE forces inlining where a helper's loop bounds must become constants in its
+   caller. FBN_PREFETCH asks for a line into L2, not L1 (prefetcht1): what is asked for is
+   read a block later, and lines pulled into L1 that early only crowd out the ones in use.
+   Against prefetcht0, paired runs: NCHW float32 train + backward 0.91-0.93x the time,
+   float64 0.95x, (256, 1024) float64 moments on one thread 0.90x, the rest level. */
 #if defined(__GNUC__) || defined(__clang__)
 #define FBN_INLINE static inline __attribute__((always_inline))
-#define FBN_PREFETCH(address) __builtin_prefetch(address)
+#define FBN_PREFETCH(address) __builtin_prefetch(address, 0, 2)
 #else
 #define FBN_INLINE static inline
 #define FBN_PREFETCH(address) ((void)(address))
