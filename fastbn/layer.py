@@ -251,7 +251,8 @@ class BatchNorm:
                         y = _batch_norm(x, running_mean, self.running_var, self.weight,
                                         self.bias, False, 0.1, self.eps, axis=self.axis,
                                         out=out)
-                        self._context = x if out is None else _context_unless_overwritten(x, out)
+                        overwritten = out is not None and _may_share_memory(out, x)
+                        self._context = _OVERWRITTEN if overwritten else x
                         return y
                     if out is None:  # one example, as a 1-D array
                         y = _batch_norm(x[np.newaxis], running_mean, self.running_var,
@@ -809,10 +810,6 @@ def _is_dask_array(value):
         return False
     dask_array = sys.modules.get("dask.array")
     return dask_array is not None and isinstance(value, dask_array.Array)
-
-
-def _context_unless_overwritten(x, out):
-    return _OVERWRITTEN if _may_share_memory(out, x) else x
 
 
 # ---------------------------------------------------------------------------- fold
