@@ -184,7 +184,7 @@ class SyncBatchNorm(BatchNorm):
 
     # ---------------------------------------------------------------- backward
 
-    def backward(self, grad_out):
+    def backward(self, grad_out, out=None):
         """Gradient of the most recent forward call, as :meth:`fastbn.BatchNorm.backward`.
 
         After a training forward it is collective: grad_x is this rank's part of the
@@ -192,20 +192,22 @@ class SyncBatchNorm(BatchNorm):
         """
         self._collective_pending = bool(getattr(self._context, "synchronized", False))
         try:
-            return super().backward(grad_out)
+            return super().backward(grad_out, out)
         except BaseException:
             self._take_part_as_failed(2 * self.num_features + 1)
             raise
 
 
-    def _synchronized_backward(self, grad_out, x, mean, invstd):
+    def _synchronized_backward(self, grad_out, x, mean, invstd, out):
         """grad_x = weight*invstd/M * (M*dy - sum_dy - xhat*sum_dy_xhat), global M and sums.
 
         The kernel, with the statistics as constants, gives this rank's float64-accumulated
         sums and ``dy * weight * invstd``; the rest of grad_x is affine in x per channel,
-        ``(x - mean) * k_x + k_0``, which the eval kernel computes in one pass.
+        ``(x - mean) * k_x + k_0``, which the eval kernel computes in one pass, into out
+        (grad_out has been read by then, so out may be grad_out).
         """
-        grad_x, sum_dy_xhat, sum_dy = _batch_norm_backward(
+        _check_out(x, out)  # now, rather than on this rank alone after the Allgather
+        scaled_dy, sum_dy_xhat, sum_dy = _batch_norm_backward(
             grad_out, x, mean, invstd, self.weight, training=False, axis=self.axis)
         local_count = x.size // self.num_features
         row = np.concatenate([[local_count], sum_dy, sum_dy_xhat]).astype(np.float64)
@@ -219,8 +221,9 @@ class SyncBatchNorm(BatchNorm):
             k_x = -scale * invstd64 * sum_dy_xhat / count
             k_0 = -scale * sum_dy / count
         dtype = self.dtype
-        grad_x += _batch_norm(x, mean, np.ones(self.num_features, dtype), k_x.astype(dtype),
-                              k_0.astype(dtype), False, 0.1, 0.0, axis=self.axis)
+        grad_x = _batch_norm(x, mean, np.ones(self.num_features, dtype), k_x.astype(dtype),
+                             k_0.astype(dtype), False, 0.1, 0.0, axis=self.axis, out=out)
+        grad_x += scaled_dy
         return grad_x, sum_dy_xhat.astype(dtype), sum_dy.astype(dtype)
 
     # -------------------------------------------------------------- statistics

@@ -430,18 +430,22 @@ class BatchNorm:
 
     # --------------------------------------------------------------- backward
 
-    def backward(self, grad_out):
+    def backward(self, grad_out, out=None):
         """Gradient of the most recent forward call with respect to its input.
 
         Parameters
         ----------
         grad_out : numpy.ndarray
             Gradient of the loss with respect to that call's output: its shape and dtype.
+        out : numpy.ndarray, optional
+            Where to write grad_x: that call's shape and dtype, C-contiguous. ``out=grad_out``
+            works in place; out may not share memory with that call's x, which backward
+            reads (and a later backward call would read again).
 
         Returns
         -------
         grad_x : numpy.ndarray
-            Gradient with respect to that call's x.
+            Gradient with respect to that call's x (``out`` when given).
 
         Sets ``grad_weight`` and ``grad_bias`` (replacing, not adding to, earlier values;
         None with affine=False). After a training forward (or any forward without running
@@ -453,8 +457,8 @@ class BatchNorm:
         RuntimeError
             No forward call yet, or the forward call wrote over its input (out=x).
         TypeError, ValueError
-            grad_out's dtype or shape is not that of the forward call's output. Nothing
-            is changed then.
+            grad_out's or out's dtype or shape is not that of the forward call's output, or
+            out is not a C-contiguous, writable array apart from x. Nothing is changed then.
         """
         with self._lock:
             context = self._context
@@ -485,24 +489,48 @@ class BatchNorm:
                     f"grad_out must have the last forward call's dtype {x.dtype.name}, "
                     f"got {grad_out.dtype}"
                 )
+            if out is not None:
+                self._check_grad_x_out(out, x)
             one_example = x.ndim == 1
-            if one_example:
+            if one_example:  # a view: the kernel writes into the caller's out
                 x, grad_out = x[np.newaxis], grad_out[np.newaxis]
+                batch_out = None if out is None else out[np.newaxis]
+            else:
+                batch_out = out
             if synchronized:
                 grad_x, grad_weight, grad_bias = self._synchronized_backward(
-                    grad_out, x, mean, invstd)
+                    grad_out, x, mean, invstd, batch_out)
             else:
                 grad_x, grad_weight, grad_bias = _batch_norm_backward(
-                    grad_out, x, mean, invstd, self.weight, training=training, axis=self.axis
+                    grad_out, x, mean, invstd, self.weight, training=training, axis=self.axis,
+                    out=batch_out
                 )
             self.grad_weight = grad_weight if self.affine else None
             self.grad_bias = grad_bias if self.affine else None
+        if out is not None:
+            return out
         return grad_x[0] if one_example else grad_x
 
-    def _synchronized_backward(self, grad_out, x, mean, invstd):
+    @staticmethod
+    def _check_grad_x_out(out, x):
+        """backward's own checks of out (the kernel call checks its dtype and layout)."""
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+        if out.shape != x.shape:
+            raise ValueError(
+                f"out must have the shape of the last forward call's output {x.shape}, "
+                f"got {out.shape}"
+            )
+        if _may_share_memory(out, x):
+            raise ValueError(
+                "out must not share memory with the last forward call's input x: backward "
+                "reads x, and a later backward call would read it again"
+            )
+
+    def _synchronized_backward(self, grad_out, x, mean, invstd, out):
         """(grad_x, grad_weight, grad_bias) after a forward with a global batch's statistics,
-        under the lock. A hook for SyncBatchNorm, the only layer whose
-        :meth:`_normalize_with_batch_statistics` returns such statistics."""
+        under the lock, grad_x written into out if given. A hook for SyncBatchNorm, the only
+        layer whose :meth:`_normalize_with_batch_statistics` returns such statistics."""
         raise NotImplementedError(f"{type(self).__name__} has no synchronized backward pass")
 
     # ------------------------------------------------------------ statistics

@@ -222,6 +222,41 @@ def test_a_bad_out_on_one_rank_is_found_before_communicating():
     assert run_ranks(2, rank_main) == [("RuntimeError", 0), ("TypeError", 0)]
 
 
+def test_backward_out_gets_what_a_new_array_gets_also_in_place():
+    rng = np.random.default_rng(5)
+    x, grad = rng.standard_normal((6, 3)), rng.standard_normal((6, 3))
+
+    def rank_main(comm):
+        layer = SyncBatchNorm(3, comm=comm, dtype=np.float64)
+        mine = slice(3 * comm.rank, 3 * comm.rank + 3)
+        layer(x[mine])
+        expected = layer.backward(grad[mine])
+        out = np.full((3, 3), np.nan)
+        in_place = grad[mine].copy()
+        return (expected, layer.backward(grad[mine], out=out) is out, out,
+                layer.backward(in_place, out=in_place) is in_place, in_place)
+
+    for expected, returned_out, out, returned_in_place, in_place in run_ranks(2, rank_main):
+        assert returned_out and returned_in_place
+        np.testing.assert_array_equal(out, expected)
+        np.testing.assert_array_equal(in_place, expected)
+
+
+def test_a_bad_backward_out_on_one_rank_is_found_before_communicating():
+    def rank_main(comm):
+        layer = SyncBatchNorm(2, comm=comm, dtype=np.float64)
+        x = np.arange(8.0).reshape(4, 2)
+        layer(x)
+        out = np.empty((4, 2), np.float32) if comm.rank == 1 else None
+        try:
+            layer.backward(np.ones_like(x), out=out)
+        except (TypeError, RuntimeError) as error:
+            return type(error).__name__
+        return None
+
+    assert run_ranks(2, rank_main) == ["RuntimeError", "TypeError"]
+
+
 def test_comm_must_be_a_communicator():
     with pytest.raises(TypeError, match="mpi4py communicator"):
         SyncBatchNorm(3, comm="world")

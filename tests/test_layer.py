@@ -475,6 +475,47 @@ def test_backward_follows_the_mode_of_the_forward_call_not_the_current_mode(rng)
                                rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("one_example", [False, True], ids=["batch", "one-example"])
+def test_backward_out_receives_grad_x_also_in_place(rng, mode, one_example):
+    """out= takes grad_x, bit for bit what a new array gets; out=grad_out works in place."""
+    bn, _ = trained_layer(rng, channels=3, dtype=np.float64)
+    bn.train(mode == "train" and not one_example)
+    x = batch(rng, (1, 3), 5, np.float64)
+    grad_out = batch(rng, (1, 3), 5, np.float64)
+    if one_example:
+        bn.eval()
+        x, grad_out = x[0], grad_out[0]
+    bn(x)
+    expected = bn.backward(grad_out)
+    gradients = (bn.grad_weight.copy(), bn.grad_bias.copy())
+    out = np.full_like(x, np.nan)
+    assert bn.backward(grad_out, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    in_place = grad_out.copy()
+    assert bn.backward(in_place, out=in_place) is in_place
+    np.testing.assert_array_equal(in_place, expected)
+    np.testing.assert_array_equal(bn.grad_weight, gradients[0])
+    np.testing.assert_array_equal(bn.grad_bias, gradients[1])
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_backward_out_may_not_be_the_forward_input(rng, mode):
+    """backward reads the forward call's x (and may be called again): out=x is refused."""
+    bn = BatchNorm(3).train(mode == "train")
+    buffer = batch(rng, (1, 3), 5, np.float32).reshape(-1)
+    x = buffer[:12].reshape(4, 3)
+    bn(x)
+    expected = bn.backward(np.ones_like(x))
+    state, x_before = snapshot(bn), x.copy()
+    for out in (x, buffer[3:].reshape(4, 3)):  # x itself, and rows 1-3 of x and one more row
+        with pytest.raises(ValueError, match=r"^out must not share memory with the last forward"):
+            bn.backward(np.ones_like(x), out=out)
+    assert_same_state(bn, state)
+    np.testing.assert_array_equal(x, x_before)
+    np.testing.assert_array_equal(bn.backward(np.ones_like(x)), expected)
+
+
 def test_backward_with_another_shape_or_dtype_raises_and_changes_nothing(rng):
     bn = BatchNorm(3)
     x = batch(rng, (1, 3), 4, np.float32)
