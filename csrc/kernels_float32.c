@@ -1,6 +1,5 @@
 /* fastbn's kernels for float: each template in kernels/ expanded with T = float. */
 #include <math.h>
-#include <stdlib.h>
 
 #include "common.h"
 

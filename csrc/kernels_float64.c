@@ -1,6 +1,5 @@
 /* fastbn's kernels for double: each template in kernels/ expanded with T = double. */
 #include <math.h>
-#include <stdlib.h>
 
 #include "common.h"
 
