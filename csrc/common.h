@@ -251,8 +251,6 @@ static inline int64_t fbn_tile_count(fbn_shape shape, const fbn_plan *plan)
    given back for the next call, so that repeated calls do not map and zero fresh pages. */
 void *fbn_scratch_take(size_t bytes);
 void fbn_scratch_give(void *scratch);
-/* Blocks larger than this are not kept from one call to the next. */
-#define FBN_SCRATCH_KEEP_BYTES ((size_t)64 << 20)
 
 /* Threads available to a kernel over `elements` values: 1 for small input and in a child
    process forked after OpenMP was used (threads.c). */
