@@ -91,11 +91,13 @@ SMALL_LAYOUTS = (
 #: inner > 1 by channel, inner > 1 by position (C < threads, and splits inside a run),
 #: inner == 1 ((N, C) and channels-last) by channel, by position, and with more channels
 #: than one column block; and short runs seen as rows of C * inner columns ("spread":
-#: inner 3 everywhere, inner 49 in the reductions but not in eval).
+#: inner 3 everywhere, inner 49 in the reductions but not in eval; by position, and, in
+#: the training forward of (160, 64, 7, 7), too large for the L2 caches, by channel).
 LARGE_LAYOUTS = (
     ((32, 64, 8, 8), 1),
     ((600, 64, 3), 1),
     ((100, 40, 7, 7), 1),
+    ((160, 64, 7, 7), 1),
     ((2, 3, 40000), 1),
     ((3, 2, 30001), 1),
     ((4096, 256), 1),

@@ -128,11 +128,13 @@ def test_layer_backward_with_grad_out_in_another_byte_order_than_x(transform, rn
 
 #: (shape, axis): small (serial) and >= 64K values, split across threads by channel or by
 #: position; inner > 1 and inner == 1 (channels-last and (N, C)); short runs seen as rows of
-#: columns (spread: (6, 4, 5) and (600, 64, 3); (100, 40, 49) in the reductions only).
+#: columns (spread: (6, 4, 5) and (600, 64, 3); (100, 40, 49) and, by channel in the
+#: training forward, (160, 64, 49) in the reductions only).
 ISOLATION_LAYOUTS = (
     ((6, 4, 5), 1),
     ((600, 64, 3), 1),
     ((100, 40, 49), 1),
+    ((160, 64, 49), 1),
     ((9, 4), 1),
     ((5, 3, 4), -1),
     ((32, 64, 8, 8), 1),
