@@ -477,20 +477,19 @@ class BatchNorm:
             else:  # eval forward with the plain running statistics
                 x, mean, training, synchronized = context, self.running_mean, False, False
                 invstd = self._invstd(self.running_var)
-            if not isinstance(grad_out, np.ndarray):
-                raise TypeError(f"grad_out must be a numpy.ndarray, got {type(grad_out).__name__}")
-            if grad_out.shape != x.shape:
-                raise ValueError(
-                    f"grad_out must have the shape of the last forward call's output "
-                    f"{x.shape}, got {grad_out.shape}"
-                )
+            _check_like_output(grad_out, "grad_out", x)
             if grad_out.dtype.num != x.dtype.num:  # either may be byte-swapped
                 raise TypeError(
                     f"grad_out must have the last forward call's dtype {x.dtype.name}, "
                     f"got {grad_out.dtype}"
                 )
-            if out is not None:
-                self._check_grad_x_out(out, x)
+            if out is not None:  # the kernel call checks its dtype and layout
+                _check_like_output(out, "out", x)
+                if _may_share_memory(out, x):
+                    raise ValueError(
+                        "out must not share memory with the last forward call's input x: "
+                        "backward reads x, and a later backward call would read it again"
+                    )
             one_example = x.ndim == 1
             if one_example:  # a view: the kernel writes into the caller's out
                 x, grad_out = x[np.newaxis], grad_out[np.newaxis]
@@ -510,22 +509,6 @@ class BatchNorm:
         if out is not None:
             return out
         return grad_x[0] if one_example else grad_x
-
-    @staticmethod
-    def _check_grad_x_out(out, x):
-        """backward's own checks of out (the kernel call checks its dtype and layout)."""
-        if not isinstance(out, np.ndarray):
-            raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
-        if out.shape != x.shape:
-            raise ValueError(
-                f"out must have the shape of the last forward call's output {x.shape}, "
-                f"got {out.shape}"
-            )
-        if _may_share_memory(out, x):
-            raise ValueError(
-                "out must not share memory with the last forward call's input x: backward "
-                "reads x, and a later backward call would read it again"
-            )
 
     def _synchronized_backward(self, grad_out, x, mean, invstd, out):
         """(grad_x, grad_weight, grad_bias) after a forward with a global batch's statistics,
@@ -829,6 +812,17 @@ def _invstd(var, eps):
 def _is_float(dtype):
     """Whether dtype is float32 or float64, in any byte order (as the functions take them)."""
     return dtype.num in _FLOAT_TYPE_NUMBERS
+
+
+def _check_like_output(array, name, x):
+    """backward's checks that ``array`` is an array shaped as the forward call's output."""
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(array).__name__}")
+    if array.shape != x.shape:
+        raise ValueError(
+            f"{name} must have the shape of the last forward call's output {x.shape}, "
+            f"got {array.shape}"
+        )
 
 
 def _is_dask_array(value):
