@@ -186,8 +186,8 @@ typedef struct {
     int64_t channels_per_tile; /* by_channel only */
 } fbn_plan;
 
-fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int64_t tile_multiple,
-                       int parallel_only_by_position);
+fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int64_t segment_columns,
+                       int64_t tile_multiple, int parallel_only_by_position);
 
 /*
  * Spreading: where a channel's runs are short (inner > 1 but small), per-run loops spend

@@ -3,12 +3,13 @@
 
 /*
  * bytes_per_value: bytes of input a kernel reads per value and wants cached between its
- * passes (x for the forward pass; x and grad_out for the backward pass). tile_multiple:
- * tiles are whole multiples of this many channels of shape (the columns of one channel of
- * a spread view, common.h).
+ * passes (x for the forward pass; x and grad_out for the backward pass). segment_columns:
+ * when inner == 1, the fewest columns a tile may have (below). tile_multiple: tiles are
+ * whole multiples of this many channels of shape (the columns of one channel of a spread
+ * view, common.h).
  */
-fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int64_t tile_multiple,
-                       int parallel_only_by_position)
+fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int64_t segment_columns,
+                       int64_t tile_multiple, int parallel_only_by_position)
 {
     const int64_t C = shape.channels, M = shape.outer * shape.inner;
     fbn_plan plan = {fbn_threads_for(C * M), 0, 0};
@@ -21,10 +22,10 @@ fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int64_t tile_mul
         C * M * (int64_t)bytes_per_value <= fbn_tile_budget_bytes() * plan.nparts)
         return plan;
 
-    /* When inner == 1 a tile's rows are strided: each row segment must be long enough
-       (512 bytes of float32) for the prefetchers to stream it, or reading by position,
-       whole rows at a time, is faster. */
-    int64_t granule = shape.inner == 1 ? (C < 128 ? C : 128) : 1;
+    /* When inner == 1 a tile's rows are strided: each row segment must be long enough, or
+       reading by position, whole rows at a time, is faster. How long, the callers measured
+       (kernels/forward.inc, backward.inc). */
+    int64_t granule = shape.inner == 1 ? (C < segment_columns ? C : segment_columns) : 1;
     granule = (granule + tile_multiple - 1) / tile_multiple * tile_multiple;
     const int64_t channel_bytes = M * (int64_t)bytes_per_value;
     int64_t fit = fbn_tile_budget_bytes() / (channel_bytes > 0 ? channel_bytes : 1);
