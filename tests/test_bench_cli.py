@@ -49,6 +49,18 @@ def test_quick_bench_markdown(capsys):
     assert not any("train forward" in line for line in table)
 
 
+@pytest.mark.skipif(not fastbn.openmp_enabled(), reason="a build without OpenMP has 1 thread")
+def test_thread_scaling_table_has_the_copy_beside_fastbn(capsys):
+    assert bench.main(["--quick", "--no-torch", "--quiet", "--markdown", "--threads", "2",
+                       "--shapes", "64x256", "--ops", "eval", "--repeat", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[lines.index("Thread scaling:") + 2:]
+    assert table[0].split(" | ")[-2:] == ["speedup 1→2", "copy speedup 1→2 |"]
+    row = table[2].strip("| ").split(" | ")
+    assert row[:4] == ["64x256", "NC", "float32", "eval forward"]
+    assert all(cell.endswith("×") and float(cell[:-1]) > 0 for cell in row[-2:])
+
+
 def test_bench_leaves_thread_count_alone():
     before = fastbn.get_num_threads()
     bench.run([bench.Case((32, 8))], ops=("eval",), threads=[1], use_torch=False, rounds=1,

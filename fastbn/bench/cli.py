@@ -65,7 +65,7 @@ def add_arguments(parser):
     parser.add_argument(
         "--threads", type=_comma_list(_thread_count), metavar="LIST",
         help="thread counts for fastbn, torch and the copy, e.g. 1,2: one table per count, and "
-             "fastbn alone at each count on the large cases. Default: fastbn.get_num_threads() "
+             "fastbn and the copy alone at each count on the large cases. Default: fastbn.get_num_threads() "
              f"(now {fastbn.get_num_threads()}), compared with 1 thread on the large cases",
     )
     parser.add_argument(

@@ -1,8 +1,9 @@
 """The report of a run: its results, and their formatting as text or Markdown tables.
 
 :class:`Report` holds a run's :class:`Result` rows (every contender at one thread count)
-and :class:`ScalingResult` rows (fastbn alone at each thread count); :func:`format_report`
-prints them with a header line (machine, versions) and a footnote on the method.
+and :class:`ScalingResult` rows (fastbn and the copy at each thread count);
+:func:`format_report` prints them with a header line (machine, versions) and a footnote
+on the method.
 """
 
 import datetime
@@ -40,13 +41,15 @@ class Result:
 
 @dataclass
 class ScalingResult:
-    """fastbn's median (ns per call) at each thread count, for one case and operation."""
+    """Medians (ns per call) of fastbn and of the copy at each thread count, for one case
+    and operation."""
 
     case: Case
     op: str
-    medians: dict  # thread count -> ns
+    medians: dict  # thread count -> ns, fastbn with out=
     rounds: int
     other_load: float = None
+    copy_medians: dict = field(default_factory=dict)  # thread count -> ns, the copy floor
 
 
 @dataclass
@@ -169,13 +172,16 @@ def _result_rows(report):
 def _scaling_rows(report):
     counts = sorted({n for result in report.scaling for n in result.medians})
     columns = ["case", "layout", "dtype", "op"] + [f"{threads_phrase(n)} µs" for n in counts]
-    columns.append(f"speedup {counts[0]}→{counts[-1]}" if counts else "speedup")
+    speedup = f"{counts[0]}→{counts[-1]}" if counts else ""
+    columns += [f"speedup {speedup}", f"copy speedup {speedup}"]
     rows = []
     for result in report.scaling:
         op = OP_TITLES[result.op] + _busy_mark(result)
         row = [result.case.name, result.case.layout, result.case.dtype, op]
         row += [_microseconds(result.medians[n]) for n in counts]
         row.append(_ratio(result.medians[counts[0]], result.medians[counts[-1]]))
+        copies = result.copy_medians
+        row.append(_ratio(copies[counts[0]], copies[counts[-1]]) if copies else "—")
         rows.append(row)
     return columns, rows
 
@@ -215,7 +221,8 @@ def _footnote(report):
         " write of y. fastbn, torch and numpy return a new array each call (which the OS"
         " fills with zeros first when it is large); out=: fastbn writing into an existing"
         " array, as the copy does, and so compared with it. The thread-scaling table times"
-        " fastbn with out=.",
+        " fastbn with out=, and the copy (numpy.copyto against the split copy) beside it: the"
+        " most a pass bound by memory bandwidth can gain from more threads.",
     ]
     if report.waited_s > 0:
         notes.append(f"Waited {report.waited_s:.0f} s in all for idle cores between measurements.")
@@ -245,7 +252,7 @@ def format_report(report, markdown=False):
     if report.results:
         parts += [table(*_result_rows(report)), ""]
     if report.scaling:
-        parts += ["Thread scaling, fastbn only:", "", table(*_scaling_rows(report)), ""]
+        parts += ["Thread scaling:", "", table(*_scaling_rows(report)), ""]
     if report.results or report.scaling:
         notes = " ".join(_footnote(report))
         parts += [notes if markdown else textwrap.fill(notes, 100)]

@@ -15,7 +15,8 @@ import numpy as np
 import fastbn
 
 from .cases import LARGE_NUMEL, OP_TITLES, OPS
-from .contender import Inputs, contenders, fastbn_call, fastbn_layer, import_torch
+from .contender import (Inputs, ThreadedCopy, contenders, fastbn_call, fastbn_layer,
+                        import_torch)
 from .load import BUSY_CORES, OtherLoad, wait_for_idle
 from .report import Report, Result, ScalingResult, threads_phrase
 from .timing import measure
@@ -25,8 +26,9 @@ def run(cases, *, ops=OPS, threads=None, use_torch=True, rounds=None, budget_s=8
         quick=False, scaling=True, wait_idle_s=0.0, progress=None):
     """Measures ``cases`` x ``ops`` at each thread count in ``threads``; returns a :class:`Report`.
 
-    ``threads`` defaults to ``[fastbn.get_num_threads()]``. ``scaling`` also times fastbn alone
-    at 1 thread against the largest count on the large cases (every case with ``quick``).
+    ``threads`` defaults to ``[fastbn.get_num_threads()]``. ``scaling`` also times fastbn
+    (``out=``) and the copy at 1 thread against the largest count on the large cases (every
+    case with ``quick``): the copy's speedup is what a memory-bound pass can gain.
     ``wait_idle_s`` > 0: before each measurement, wait up to that long for other processes to
     leave the cores idle (the wait does not count against ``budget_s``). ``progress``, if
     given, is called with a line of text before each measurement.
@@ -74,11 +76,9 @@ def run(cases, *, ops=OPS, threads=None, use_torch=True, rounds=None, budget_s=8
                 layer = fastbn_layer(case, inputs) if op == "eval" and case.single else None
                 calls = contenders(case, op, inputs, n, torch, pools.get(n), layer)
             else:
-                label += ", fastbn at " + " vs ".join(map(str, scaling_threads)) + " threads"
-                call = fastbn_call(case, op, inputs, out=np.empty_like(inputs.x))
-                calls = {count: call for count in scaling_threads}
-                setup = {count: (lambda c=count: fastbn.set_num_threads(c))
-                         for count in scaling_threads}
+                label += ", fastbn and copy at " + " vs ".join(map(str, scaling_threads))
+                label += " threads"
+                calls, setup = _scaling_calls(case, op, inputs, scaling_threads, pools)
 
             # With wait_idle_s, a measurement that other processes disturbed is taken again
             # (twice at most); the least disturbed one is kept.
@@ -104,7 +104,11 @@ def run(cases, *, ops=OPS, threads=None, use_torch=True, rounds=None, budget_s=8
                     Result(case, op, n, medians, done, other_load, layer is not None)
                 )
             else:
-                report.scaling.append(ScalingResult(case, op, medians, done, other_load))
+                fastbn_medians = {n: medians[("fastbn", n)] for n in scaling_threads}
+                copy_medians = {n: medians[("copy", n)] for n in scaling_threads}
+                report.scaling.append(
+                    ScalingResult(case, op, fastbn_medians, done, other_load, copy_medians)
+                )
     finally:
         for pool in pools.values():
             pool.shutdown()
@@ -115,3 +119,21 @@ def run(cases, *, ops=OPS, threads=None, use_torch=True, rounds=None, budget_s=8
             torch.set_num_threads(initial_torch_threads)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _scaling_calls(case, op, inputs, thread_counts, pools):
+    """fastbn with ``out=`` and the copy at each thread count: ``(calls, setup)`` for measure,
+    keyed ``("fastbn", n)`` and ``("copy", n)``; ``pools`` gets the copy's thread pools."""
+    x, target = inputs.x, np.empty_like(inputs.x)
+    call = fastbn_call(case, op, inputs, out=np.empty_like(x))
+    calls, setup = {}, {}
+    for count in thread_counts:
+        calls[("fastbn", count)] = call
+        setup[("fastbn", count)] = lambda c=count: fastbn.set_num_threads(c)
+        if count == 1:
+            calls[("copy", count)] = lambda: np.copyto(target, x)
+        else:
+            if count not in pools:
+                pools[count] = concurrent.futures.ThreadPoolExecutor(count)
+            calls[("copy", count)] = ThreadedCopy(target, x, count, pools[count])
+    return calls, setup
