@@ -787,6 +787,53 @@ def test_byte_swapped_and_unaligned_running_stats_are_updated(dtype, transform, 
     check_running_stats(case, x, running_mean, running_var, old_mean, old_var, MOMENTUM)
 
 
+def _placed(array, offset):
+    """A C-contiguous copy of ``array`` starting ``offset`` bytes past a 64-byte boundary."""
+    raw = np.empty(array.nbytes + 128, dtype=np.uint8)
+    start = -raw.ctypes.data % 64 + offset
+    view = raw[start:start + array.nbytes].view(array.dtype).reshape(array.shape)
+    view[...] = array
+    return view
+
+
+def _every_result(x, grad_out, weight, bias, running_mean, running_var, axis):
+    y, mean, invstd = fastbn.batch_norm_train(x, weight, bias, axis=axis)
+    eval_y = fastbn.batch_norm(x, running_mean, running_var, weight, bias, axis=axis)
+    gradients = [
+        fastbn.batch_norm_backward(grad_out, x, mean, invstd, weight, training=training,
+                                   axis=axis)
+        for training in (True, False)
+    ]
+    return [y, mean, invstd, eval_y, *(g for grads in gradients for g in grads)]
+
+
+@pytest.mark.parametrize(
+    "case",
+    cases(
+        (((96, 1024), 1), ((64, 640), 1), ((24, 64, 9), 1), ((1024, 1024), 1)),
+        orders=("C",),
+    ),
+)
+def test_where_an_array_starts_in_its_cache_line_changes_nothing(case, rng):
+    """Rows of 2 KiB or more start their reductions at x's first 64-byte boundary (NumPy's
+    arrays start 16 bytes past one): the results are bit for bit those of an aligned x, at
+    every element offset, on rows by position, on tiles of columns ((1024, 1024): backward
+    by channel) and on short runs seen as rows ((24, 64, 9))."""
+    x = case.array(rng)
+    grad_out = rng.standard_normal(case.shape).astype(case.dtype)
+    weight, bias = case.per_channel(rng), case.per_channel(rng)
+    running_mean, running_var = _running_stats(case, rng)
+    per_channel = (weight, bias, running_mean, running_var)
+    aligned = _every_result(_placed(x, 0), _placed(grad_out, 0), *per_channel, case.axis)
+    check_y(case, aligned[0], reference.forward_train(x, weight, bias, axis=case.axis)[0])
+    itemsize = np.dtype(case.dtype).itemsize
+    for offset in range(itemsize, 64, itemsize):
+        placed = _every_result(_placed(x, offset), _placed(grad_out, offset), *per_channel,
+                               case.axis)
+        for got, expected in zip(placed, aligned):
+            np.testing.assert_array_equal(got, expected, err_msg=f"offset {offset}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_strided_per_channel_arrays(dtype, rng):
     """weight, bias, running stats, mean and invstd that are views with a step are read
