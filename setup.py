@@ -1,4 +1,5 @@
-"""Build fastbn's extension: the C kernels in csrc/ plus the Cython bindings.
+"""Build fastbn's extensions: the C kernels in csrc/ plus the Cython bindings (_core), and
+the layer's call (_layer_call).
 
 Build switches (environment variables):
 
@@ -129,7 +130,15 @@ extensions = [
         include_dirs=["csrc", numpy.get_include()],
         depends=glob("csrc/*.h") + glob("csrc/kernels/*.inc"),
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_25_API_VERSION")],
-    )
+    ),
+    # The layer's call: calls into _core through _core.pxd, links no kernels of its own.
+    Extension(
+        "fastbn._layer_call",
+        sources=["fastbn/_layer_call.pyx"],
+        include_dirs=[numpy.get_include()],
+        depends=["fastbn/_core.pxd"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_25_API_VERSION")],
+    ),
 ]
 
 setup(

@@ -187,7 +187,9 @@ cdef cnp.ndarray _output(_Batch batch, object out):
     cdef cnp.ndarray array = <cnp.ndarray>out
     if cnp.PyArray_TYPE(array) != cnp.PyArray_TYPE(x) or not cnp.PyArray_ISNOTSWAPPED(array):
         raise TypeError(f"out must have the input's dtype {x.dtype.name}, got {array.dtype}")
-    if _shape(array) != _shape(x):
+    if (cnp.PyArray_NDIM(array) != cnp.PyArray_NDIM(x) or
+            not cnp.PyArray_CompareLists(cnp.PyArray_DIMS(array), cnp.PyArray_DIMS(x),
+                                         cnp.PyArray_NDIM(x))):
         raise ValueError(f"out must have the input's shape {_shape(x)}, got {_shape(array)}")
     if not cnp.PyArray_ISCARRAY_RO(array):
         raise ValueError("out must be C-contiguous and aligned")
@@ -312,6 +314,9 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         running statistic to update is read-only, a training batch has one value per
         channel, or the running statistics are missing in eval mode.
     """
+    if not training:
+        _momentum(momentum)
+        return _eval_forward(x, running_mean, running_var, weight, bias, eps, axis, out)
     cdef _Batch batch = _batch(x, axis)
     cdef cnp.npy_intp channels = batch.shape.channels
     cdef double eps_value = _eps(eps)
@@ -321,16 +326,6 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     cdef cnp.ndarray mean_array = None if running_mean is None else _channel_array(running_mean, "running_mean", batch.x, channels)
     cdef cnp.ndarray var_array = None if running_var is None else _channel_array(running_var, "running_var", batch.x, channels)
     cdef cnp.ndarray y
-    if not training:
-        if mean_array is None or var_array is None:
-            raise ValueError(
-                "running_mean and running_var are required when training=False "
-                "(eval mode normalizes with them)"
-            )
-        y = _output(batch, out)
-        _eval_kernel(batch, y, mean_array, var_array, weight_array, bias_array, eps_value)
-        return y
-
     if (mean_array is None) != (var_array is None):
         raise ValueError("running_mean and running_var must be given together, or both None")
     for name, array in (("running_mean", mean_array), ("running_var", var_array)):
@@ -348,6 +343,27 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
             var_array[...] = (
                 var_array.astype(np.float64) * kept + var * (momentum_value * count / (count - 1))
             )
+    return y
+
+
+cdef cnp.ndarray _eval_forward(object x, object running_mean, object running_var,
+                               object weight, object bias, object eps, object axis,
+                               object out):
+    """batch_norm in eval mode (the layer's eval call comes here too, _core.pxd)."""
+    cdef _Batch batch = _batch(x, axis)
+    cdef cnp.npy_intp channels = batch.shape.channels
+    cdef double eps_value = _eps(eps)
+    cdef cnp.ndarray weight_array = None if weight is None else _channel_array(weight, "weight", batch.x, channels)
+    cdef cnp.ndarray bias_array = None if bias is None else _channel_array(bias, "bias", batch.x, channels)
+    cdef cnp.ndarray mean_array = None if running_mean is None else _channel_array(running_mean, "running_mean", batch.x, channels)
+    cdef cnp.ndarray var_array = None if running_var is None else _channel_array(running_var, "running_var", batch.x, channels)
+    if mean_array is None or var_array is None:
+        raise ValueError(
+            "running_mean and running_var are required when training=False "
+            "(eval mode normalizes with them)"
+        )
+    cdef cnp.ndarray y = _output(batch, out)
+    _eval_kernel(batch, y, mean_array, var_array, weight_array, bias_array, eps_value)
     return y
 
 

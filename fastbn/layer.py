@@ -5,6 +5,8 @@ computes with the functional API of :mod:`fastbn._core`, which validates every c
 runs the C kernels without the GIL. The layer adds what a network needs around them:
 train/eval modes, PyTorch's running-statistics rules, the context of the last forward call
 for :meth:`BatchNorm.backward`, persistence, and a lock that serializes training calls.
+Its call, ``bn(x)``, is :class:`fastbn._layer_call.LayerCall`'s: eval with the running
+statistics goes from there straight to the kernel, and everything else comes back here.
 """
 
 import importlib
@@ -22,6 +24,8 @@ import numpy as np
 from fastbn._core import batch_norm as _batch_norm
 from fastbn._core import batch_norm_backward as _batch_norm_backward
 from fastbn._core import _may_share_memory, _train_forward
+from fastbn._layer_call import OVERWRITTEN as _OVERWRITTEN
+from fastbn._layer_call import LayerCall
 from fastbn.moments import Moments, moments
 
 __all__ = ["BatchNorm", "fold"]
@@ -29,6 +33,9 @@ __all__ = ["BatchNorm", "fold"]
 #: What :meth:`BatchNorm.load_state_dict` returns, as PyTorch's ``load_state_dict`` does.
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
+#: The attributes held in LayerCall's slots, but _context: what pickling must carry over.
+_CALL_STATE_NAMES = ("weight", "bias", "running_mean", "running_var", "eps", "axis", "training",
+                     "debias")
 _PARAMETER_NAMES = ("weight", "bias")
 _STATISTIC_NAMES = ("running_mean", "running_var")
 _SAVE_FORMAT = 1
@@ -46,10 +53,6 @@ class _Context(namedtuple("_Context", ["x", "mean", "invstd", "training", "synch
     An eval forward with the plain running statistics, the hot path, stores x alone
     instead: backward derives the constants from the running statistics then.
     """
-
-
-# Stored as the context when a forward call wrote its output over x (out=x): x is gone.
-_OVERWRITTEN = object()
 
 
 # ---------------------------------------------------------------------- arguments
@@ -92,7 +95,7 @@ def _layer_dtype(dtype):
 # --------------------------------------------------------------------------- layer
 
 
-class BatchNorm:
+class BatchNorm(LayerCall):
     """Batch normalization layer over NumPy arrays, compatible with torch.nn.BatchNorm1d/2d/3d.
 
     Parameters
@@ -240,31 +243,10 @@ class BatchNorm:
             value per channel ("Expected more than 1 value per channel when training").
             Nothing is changed then.
         """
-        # The hot path, eval with the plain running statistics: no check here that the
-        # Cython function repeats, no allocation but y. A failure takes the general path,
-        # which explains it (or handles a 1-D example).
-        if not self.training and not self.debias:
-            running_mean = self.running_mean
-            if running_mean is not None:
-                try:
-                    if x.ndim != 1:
-                        y = _batch_norm(x, running_mean, self.running_var, self.weight,
-                                        self.bias, False, 0.1, self.eps, axis=self.axis,
-                                        out=out)
-                        overwritten = out is not None and _may_share_memory(out, x)
-                        self._context = _OVERWRITTEN if overwritten else x
-                        return y
-                    if out is None:  # one example, as a 1-D array
-                        y = _batch_norm(x[np.newaxis], running_mean, self.running_var,
-                                        self.weight, self.bias, False, 0.1, self.eps,
-                                        axis=self.axis)
-                        self._context = x
-                        return y[0]
-                except (AttributeError, TypeError, ValueError):
-                    pass
-        return self._forward(x, out)
-
-    __call__ = forward
+        # bn(x) is the call of LayerCall (fastbn/_layer_call.pyx): eval with the plain
+        # running statistics goes straight to the kernel there; everything else comes to
+        # _forward.
+        return self(x, out)
 
     def _forward(self, x, out):
         batch_x, batch_out, one_example = self._as_batch(x, out)
@@ -778,14 +760,19 @@ class BatchNorm:
 
     def __getstate__(self):
         # The lock cannot be pickled, and the last forward's context (a reference to its
-        # input) is not state: backward needs a new forward after unpickling.
+        # input) is not state: backward needs a new forward after unpickling. LayerCall's
+        # attributes live in C slots, not in __dict__.
         state = self.__dict__.copy()
         del state["_lock"]
-        state["_context"] = None
+        state.update((name, getattr(self, name)) for name in _CALL_STATE_NAMES)
         return state
 
     def __setstate__(self, state):
+        state = dict(state)
+        for name in _CALL_STATE_NAMES:
+            setattr(self, name, state.pop(name))
         self.__dict__.update(state)
+        self._context = None
         self._lock = threading.Lock()
 
     def __repr__(self):

@@ -417,6 +417,33 @@ def test_a_1d_input_is_one_example_with_a_1d_result(rng, axis):
     np.testing.assert_allclose(bn.grad_weight, expected[1], **tolerance(np.float32))
 
 
+class _NoGeneralPath(BatchNorm):
+    def _forward(self, x, out):
+        raise AssertionError("the call took the general path")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_eval_with_running_statistics_goes_straight_to_the_kernel(rng, dtype):
+    """bn(x) in eval mode, a batch or one example, out= or not, runs no Python code of the
+    layer (LayerCall, in C): the inference hot path. Its results are the general path's."""
+    fast = _NoGeneralPath(6, dtype=dtype).eval()
+    general = BatchNorm(6, dtype=dtype).eval()
+    for layer in (fast, general):
+        layer.running_mean[...] = np.linspace(-1, 1, 6)
+        layer.running_var[...] = np.linspace(0.5, 2, 6)
+        layer.weight[...] = np.linspace(2, 3, 6)
+    x = batch(rng, (1, 6), 4, dtype)
+    out = np.empty_like(x)
+    assert fast(x, out=out) is out
+    np.testing.assert_array_equal(out, general._forward(x, None))
+    example = x[0]
+    np.testing.assert_array_equal(fast(example), general._forward(example, None))
+    assert fast._context is example  # what backward differentiates
+    fast.train()
+    with pytest.raises(AssertionError, match="general path"):
+        fast(x)
+
+
 def test_a_1d_input_needs_num_features_values_and_axis_1_or_minus_1(rng):
     bn = BatchNorm(4).eval()
     with pytest.raises(ValueError, match="num_features=4"):
