@@ -22,14 +22,6 @@ def torch_or_none():
 
 
 @pytest.fixture(scope="session")
-def copy_pool():
-    import concurrent.futures
-
-    with concurrent.futures.ThreadPoolExecutor(fastbn.get_num_threads()) as pool:
-        yield pool
-
-
-@pytest.fixture(scope="session")
 def inputs_for():
     """Inputs for a case, made once and kept for the session's later tests of that case."""
     made = {}

@@ -12,20 +12,19 @@ import fastbn
 from fastbn import bench
 
 CASES = [bench.Case((256, 1024)), bench.Case((4096, 256)), bench.Case((32, 64, 56, 56))]
-CONTENDERS = ["fastbn", "fastbn out=", "numpy", "copyto", "threaded-copy", "torch"]
+CONTENDERS = ["fastbn", "fastbn out=", "numpy", "copyto", "split-copy", "torch"]
 
 
 @pytest.mark.parametrize("contender", CONTENDERS)
 @pytest.mark.parametrize("op", bench.OPS)
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
-def test_batch_norm(benchmark, case, op, contender, inputs_for, torch_or_none, copy_pool,
-                    no_grad):
+def test_batch_norm(benchmark, case, op, contender, inputs_for, torch_or_none, no_grad):
     if contender == "torch" and torch_or_none is None:
         pytest.skip("torch is not importable")
     threads = fastbn.get_num_threads()
-    if contender == "threaded-copy" and threads < 2:
-        pytest.skip("one thread: the threaded copy is copyto")
-    calls = bench.contenders(case, op, inputs_for(case), threads, torch_or_none, copy_pool)
+    if contender == "split-copy" and threads < 2:
+        pytest.skip("one thread: the split copy is copyto")
+    calls = bench.contenders(case, op, inputs_for(case), threads, torch_or_none)
     benchmark.group = f"{case.name} {case.dtype} {bench.OP_TITLES[op]}"
     with no_grad:
         benchmark(calls[contender])

@@ -50,6 +50,10 @@ int fbn_openmp_enabled(void);
 int fbn_get_num_threads(void);
 void fbn_set_num_threads(int num_threads);
 
+/* dst = src, `elements` values of `itemsize` bytes, split over the threads a kernel over
+   them would use: the benchmark's memory-bandwidth floor (runtime.c). */
+void fbn_copy(void *dst, const void *src, int64_t elements, int64_t itemsize);
+
 /* What the build and the CPU give: "avx512", "avx2" or "baseline"; the compiler flags. */
 const char *fbn_simd_level(void);
 const char *fbn_build_flags(void);

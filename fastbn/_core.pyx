@@ -172,6 +172,22 @@ cdef bint _overlap(cnp.ndarray a, cnp.ndarray b) noexcept:
     return a_low < b_high and b_low < a_high
 
 
+def _copy(cnp.ndarray out not None, cnp.ndarray x not None):
+    """out[...] = x with the kernels' threads: the benchmark's memory floor (fastbn/bench).
+    Both C-contiguous and of one dtype and size, out writable and apart from x."""
+    if (not cnp.PyArray_IS_C_CONTIGUOUS(out) or not cnp.PyArray_IS_C_CONTIGUOUS(x)
+            or not cnp.PyArray_ISWRITEABLE(out) or cnp.PyArray_TYPE(out) != cnp.PyArray_TYPE(x)
+            or cnp.PyArray_SIZE(out) != cnp.PyArray_SIZE(x) or _overlap(out, x)):
+        raise ValueError("_copy takes two C-contiguous arrays of one dtype and size, apart, "
+                         "the first writable")
+    cdef void *dst = cnp.PyArray_DATA(out)
+    cdef const void *src = cnp.PyArray_DATA(x)
+    cdef int64_t elements = cnp.PyArray_SIZE(x)
+    cdef int64_t itemsize = cnp.PyArray_ITEMSIZE(x)
+    with nogil:
+        fbn_copy(dst, src, elements, itemsize)
+
+
 def _may_share_memory(cnp.ndarray a not None, cnp.ndarray b not None):
     """numpy.may_share_memory(a, b) for arrays, faster (for the layer's out= checks)."""
     return _overlap(a, b)

@@ -35,6 +35,7 @@ cdef extern from "fastbn.h" nogil:
     void fbn_set_num_threads(int num_threads)
     const char *fbn_simd_level()
     const char *fbn_build_flags()
+    void fbn_copy(void *dst, const void *src, int64_t elements, int64_t itemsize)
 
 
 # Internal helpers, exposed to the tests of the 64-bit index arithmetic.

@@ -8,6 +8,7 @@ import pytest
 
 import fastbn
 from fastbn import bench
+from fastbn._core import _copy as copy
 
 
 def run_cli(*args, cwd):
@@ -59,6 +60,28 @@ def test_thread_scaling_table_has_the_copy_beside_fastbn(capsys):
     row = table[2].strip("| ").split(" | ")
     assert row[:4] == ["64x256", "NC", "float32", "eval forward"]
     assert all(cell.endswith("×") and float(cell[:-1]) > 0 for cell in row[-2:])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [0, 1, 1000, 1 << 20])
+def test_the_split_copy_copies(dtype, size):
+    """The copy floor, split over fastbn's threads from 64K values on."""
+    x = np.random.default_rng(0).standard_normal(size).astype(dtype)
+    out = np.full_like(x, np.nan)
+    copy(out, x)
+    np.testing.assert_array_equal(out, x)
+
+
+def test_the_split_copy_refuses_what_it_cannot_copy():
+    x = np.zeros(10, np.float32)
+    for out, source in [(np.zeros(9, np.float32), x), (np.zeros(10, np.float64), x),
+                        (np.zeros(20, np.float32)[::2], x), (x, x)]:
+        with pytest.raises(ValueError, match="_copy takes"):
+            copy(out, source)
+    read_only = np.zeros(10, np.float32)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="_copy takes"):
+        copy(read_only, x)
 
 
 def test_bench_leaves_thread_count_alone():

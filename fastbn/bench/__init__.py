@@ -16,7 +16,8 @@ numpy
     :func:`numpy_eval`), computed in the input's dtype.
 copy
     The floor for a memory-bound operation: one read of x and one write of an array of the
-    same size. The faster of ``numpy.copyto`` and a copy split over fastbn's thread count.
+    same size. The faster of ``numpy.copyto`` and a copy split over fastbn's threads in C,
+    as its kernels split their work (``fastbn._core._copy``).
 
 The machine may be shared and noisy, so the contenders are interleaved: every round calls
 each of them in turn (a few calls each, in a rotating order), and the table reports each

@@ -3,7 +3,8 @@
 fastbn (the functional API, or the eval-mode ``BatchNorm`` layer for a single example),
 torch (``torch.ops.aten``, when it can be imported: :func:`import_torch`), the plain NumPy
 twins (:func:`numpy_train`, :func:`numpy_backward`, :func:`numpy_eval`) and the copy floor
-(``numpy.copyto`` and :class:`ThreadedCopy`). :class:`Inputs` holds the arrays they share.
+(``numpy.copyto``, and fastbn's own copy split over its threads). :class:`Inputs` holds the
+arrays they share.
 """
 
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import fastbn
+from fastbn._core import _copy as split_copy
 
 from .cases import OPS
 
@@ -102,29 +104,6 @@ class Inputs:
         return inputs
 
 
-class ThreadedCopy:
-    """Copies ``source`` into ``target`` in ``threads`` chunks, one per thread.
-
-    The calling thread copies the last chunk itself; ``numpy.copyto`` releases the GIL, so
-    the chunks are copied in parallel.
-    """
-
-    def __init__(self, target, source, threads, pool):
-        target, source = target.reshape(-1), source.reshape(-1)
-        bounds = np.linspace(0, source.size, threads + 1).astype(np.int64)
-        self.chunks = [
-            (target[start:stop], source[start:stop]) for start, stop in zip(bounds, bounds[1:])
-        ]
-        self.pool = pool
-
-    def __call__(self):
-        *others, (target, source) = self.chunks
-        futures = [self.pool.submit(np.copyto, t, s) for t, s in others]
-        np.copyto(target, source)
-        for future in futures:
-            future.result()
-
-
 def fastbn_layer(case, inputs):
     """An eval-mode ``fastbn.BatchNorm`` for a single-example case, or None if unavailable."""
     layer_class = getattr(fastbn, "BatchNorm", None)
@@ -181,16 +160,16 @@ def fastbn_call(case, op, inputs, layer=None, out=None):
     raise ValueError(f"unknown operation {op!r}: expected one of {', '.join(OPS)}")
 
 
-def contenders(case, op, inputs, threads, torch=None, copy_pool=None, layer=None):
+def contenders(case, op, inputs, threads, torch=None, layer=None):
     """The callables to time for one case and operation, by contender name.
 
     Names: ``fastbn`` (``layer`` for eval if given), ``fastbn out=`` (the same into an
     existing array), ``torch`` (when ``torch`` is given), ``torch F`` (single-example eval:
-    ``torch.nn.functional.batch_norm``), ``numpy``, ``copyto`` and ``threaded-copy`` (when
-    ``threads`` > 1 and ``copy_pool`` is given). ``fastbn``, ``torch`` and ``numpy`` return
-    a new array each call, which the OS first fills with zeros when it is large; ``fastbn
-    out=`` and the copies write into an existing one. Torch calls must run under
-    ``torch.no_grad()``.
+    ``torch.nn.functional.batch_norm``), ``numpy``, ``copyto`` and ``split-copy`` (when
+    ``threads`` > 1: a copy split over fastbn's threads, as its kernels split their work).
+    ``fastbn``, ``torch`` and ``numpy`` return a new array each call, which the OS first
+    fills with zeros when it is large; ``fastbn out=`` and the copies write into an
+    existing one. Torch calls must run under ``torch.no_grad()``.
     """
     x, axis = inputs.x, case.axis
     weight, bias = inputs.weight, inputs.bias
@@ -210,8 +189,8 @@ def contenders(case, op, inputs, threads, torch=None, copy_pool=None, layer=None
 
     target = np.empty_like(x)
     calls["copyto"] = lambda: np.copyto(target, x)
-    if threads > 1 and copy_pool is not None:
-        calls["threaded-copy"] = ThreadedCopy(target, x, threads, copy_pool)
+    if threads > 1:
+        calls["split-copy"] = lambda: split_copy(target, x)
     return calls
 
 

@@ -35,7 +35,7 @@ class Result:
 
     @property
     def copy(self):
-        copies = ("copyto", "threaded-copy")
+        copies = ("copyto", "split-copy")
         return min(self.medians[name] for name in copies if name in self.medians)
 
 
@@ -212,7 +212,8 @@ def _footnote(report):
     copy = "numpy.copyto"
     if copy_threads:
         counts = "/".join(map(str, copy_threads))
-        copy = f"the faster of numpy.copyto and a copy split over {counts} threads"
+        copy = (f"the faster of numpy.copyto and a copy split over fastbn's {counts} threads"
+                " as its kernels split their work")
     span = f"{min(rounds)}" if min(rounds) == max(rounds) else f"{min(rounds)}–{max(rounds)}"
     seconds = f"{report.seconds:.{0 if report.seconds >= 10 else 1}f}"
     notes = [
@@ -221,8 +222,8 @@ def _footnote(report):
         " write of y. fastbn, torch and numpy return a new array each call (which the OS"
         " fills with zeros first when it is large); out=: fastbn writing into an existing"
         " array, as the copy does, and so compared with it. The thread-scaling table times"
-        " fastbn with out=, and the copy (numpy.copyto against the split copy) beside it: the"
-        " most a pass bound by memory bandwidth can gain from more threads.",
+        " fastbn with out=, and the copy (the same floor at each thread count) beside it:"
+        " what a pass bound by memory bandwidth can gain from more threads.",
     ]
     if report.waited_s > 0:
         notes.append(f"Waited {report.waited_s:.0f} s in all for idle cores between measurements.")

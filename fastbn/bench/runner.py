@@ -5,7 +5,6 @@ It makes each case's inputs, sets thread counts, builds the contenders, times th
 collects the medians into a :class:`~fastbn.bench.report.Report`.
 """
 
-import concurrent.futures
 import contextlib
 import datetime
 import time
@@ -15,8 +14,7 @@ import numpy as np
 import fastbn
 
 from .cases import LARGE_NUMEL, OP_TITLES, OPS
-from .contender import (Inputs, ThreadedCopy, contenders, fastbn_call, fastbn_layer,
-                        import_torch)
+from .contender import Inputs, contenders, fastbn_call, fastbn_layer, import_torch, split_copy
 from .load import BUSY_CORES, OtherLoad, wait_for_idle
 from .report import Report, Result, ScalingResult, threads_phrase
 from .timing import measure
@@ -56,7 +54,6 @@ def run(cases, *, ops=OPS, threads=None, use_torch=True, rounds=None, budget_s=8
     jobs += [("scaling", None, case, op) for case in scaling_cases for op in ops if op in case.ops]
     measure_options = dict(min_rounds=3, max_rounds=20, warm_s=0.005) if quick else {}
 
-    pools = {}
     inputs_cache = {}
     try:
         for index, (kind, n, case, op) in enumerate(jobs):
@@ -71,14 +68,12 @@ def run(cases, *, ops=OPS, threads=None, use_torch=True, rounds=None, budget_s=8
                 fastbn.set_num_threads(n)
                 if torch is not None:
                     torch.set_num_threads(n)
-                if n > 1 and n not in pools:
-                    pools[n] = concurrent.futures.ThreadPoolExecutor(n)
                 layer = fastbn_layer(case, inputs) if op == "eval" and case.single else None
-                calls = contenders(case, op, inputs, n, torch, pools.get(n), layer)
+                calls = contenders(case, op, inputs, n, torch, layer)
             else:
                 label += ", fastbn and copy at " + " vs ".join(map(str, scaling_threads))
                 label += " threads"
-                calls, setup = _scaling_calls(case, op, inputs, scaling_threads, pools)
+                calls, setup = _scaling_calls(case, op, inputs, scaling_threads)
 
             # With wait_idle_s, a measurement that other processes disturbed is taken again
             # (twice at most); the least disturbed one is kept.
@@ -105,13 +100,12 @@ def run(cases, *, ops=OPS, threads=None, use_torch=True, rounds=None, budget_s=8
                 )
             else:
                 fastbn_medians = {n: medians[("fastbn", n)] for n in scaling_threads}
-                copy_medians = {n: medians[("copy", n)] for n in scaling_threads}
+                copy_medians = {n: min(medians["copyto"], medians[("split-copy", n)])
+                                for n in scaling_threads}
                 report.scaling.append(
                     ScalingResult(case, op, fastbn_medians, done, other_load, copy_medians)
                 )
     finally:
-        for pool in pools.values():
-            pool.shutdown()
         fastbn.set_num_threads(None)  # back to OpenMP's default, unless it was set otherwise
         if fastbn.get_num_threads() != initial_threads:
             fastbn.set_num_threads(initial_threads)
@@ -121,19 +115,16 @@ def run(cases, *, ops=OPS, threads=None, use_torch=True, rounds=None, budget_s=8
     return report
 
 
-def _scaling_calls(case, op, inputs, thread_counts, pools):
-    """fastbn with ``out=`` and the copy at each thread count: ``(calls, setup)`` for measure,
-    keyed ``("fastbn", n)`` and ``("copy", n)``; ``pools`` gets the copy's thread pools."""
+def _scaling_calls(case, op, inputs, thread_counts):
+    """fastbn with ``out=`` and the split copy at each thread count, and numpy.copyto:
+    ``(calls, setup)`` for measure, keyed ``("fastbn", n)``, ``("split-copy", n)`` and
+    ``"copyto"``. The copy floor at n threads is the faster of the two copies."""
     x, target = inputs.x, np.empty_like(inputs.x)
     call = fastbn_call(case, op, inputs, out=np.empty_like(x))
-    calls, setup = {}, {}
+    calls, setup = {"copyto": lambda: np.copyto(target, x)}, {}
     for count in thread_counts:
         calls[("fastbn", count)] = call
-        setup[("fastbn", count)] = lambda c=count: fastbn.set_num_threads(c)
-        if count == 1:
-            calls[("copy", count)] = lambda: np.copyto(target, x)
-        else:
-            if count not in pools:
-                pools[count] = concurrent.futures.ThreadPoolExecutor(count)
-            calls[("copy", count)] = ThreadedCopy(target, x, count, pools[count])
+        calls[("split-copy", count)] = lambda: split_copy(target, x)
+        for name in ("fastbn", "split-copy"):
+            setup[(name, count)] = lambda c=count: fastbn.set_num_threads(c)
     return calls, setup
