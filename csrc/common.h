@@ -129,9 +129,6 @@ static inline void fbn_ahead_step(fbn_ahead *ahead, int64_t step)
         --ahead->rows_left;
     }
 }
-/* Below this many elements a kernel runs on the calling thread: an OpenMP region costs
-   microseconds, more than the whole job. */
-#define FBN_PARALLEL_MIN_ELEMENTS (64 * 1024)
 
 /*
  * Chan, Golub & LeVeque: fold partial moments (count_b, mean_b, m2_b) into

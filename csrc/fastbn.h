@@ -45,6 +45,10 @@ enum { FBN_OK = 0, FBN_NO_MEMORY = 1 };
 FBN_DECLARE_KERNELS(float, f32)
 FBN_DECLARE_KERNELS(double, f64)
 
+/* Below this many elements a kernel runs on the calling thread: an OpenMP region costs
+   microseconds, more than the whole job. */
+#define FBN_PARALLEL_MIN_ELEMENTS (64 * 1024)
+
 /* Threads (threads.c). set_num_threads(0) returns to the OpenMP default. */
 int fbn_openmp_enabled(void);
 int fbn_get_num_threads(void);

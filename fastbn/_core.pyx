@@ -172,6 +172,10 @@ cdef bint _overlap(cnp.ndarray a, cnp.ndarray b) noexcept:
     return a_low < b_high and b_low < a_high
 
 
+#: Kernels over fewer values run on the calling thread (csrc/fastbn.h).
+_PARALLEL_MIN_ELEMENTS = FBN_PARALLEL_MIN_ELEMENTS
+
+
 def _copy(cnp.ndarray out not None, cnp.ndarray x not None):
     """out[...] = x with the kernels' threads: the benchmark's memory floor (fastbn/bench).
     Both C-contiguous and of one dtype and size, out writable and apart from x."""

@@ -72,6 +72,16 @@ def test_the_split_copy_copies(dtype, size):
     np.testing.assert_array_equal(out, x)
 
 
+def test_the_copy_floor_is_split_where_the_kernels_split_their_work():
+    """Below the kernels' parallel threshold the floor is numpy.copyto alone: a copy with less
+    call overhead than any kernel call would measure the call, not the memory."""
+    for shape, split in [((1, 512), False), ((256, 1024), True)]:
+        case = bench.Case(shape)
+        names = bench.contenders(case, "eval", bench.Inputs.make(case), threads=2)
+        assert ("split-copy" in names) == split, shape
+        assert "split-copy" not in bench.contenders(case, "eval", bench.Inputs.make(case), 1)
+
+
 def test_the_split_copy_refuses_what_it_cannot_copy():
     x = np.zeros(10, np.float32)
     for out, source in [(np.zeros(9, np.float32), x), (np.zeros(10, np.float64), x),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import fastbn
+from fastbn._core import _PARALLEL_MIN_ELEMENTS as PARALLEL_MIN_ELEMENTS
 from fastbn._core import _copy as split_copy
 
 from .cases import OPS
@@ -166,7 +167,8 @@ def contenders(case, op, inputs, threads, torch=None, layer=None):
     Names: ``fastbn`` (``layer`` for eval if given), ``fastbn out=`` (the same into an
     existing array), ``torch`` (when ``torch`` is given), ``torch F`` (single-example eval:
     ``torch.nn.functional.batch_norm``), ``numpy``, ``copyto`` and ``split-copy`` (when
-    ``threads`` > 1: a copy split over fastbn's threads, as its kernels split their work).
+    ``threads`` > 1 and x is large enough for the kernels to split their work: a copy split
+    over fastbn's threads as they would be).
     ``fastbn``, ``torch`` and ``numpy`` return a new array each call, which the OS first
     fills with zeros when it is large; ``fastbn out=`` and the copies write into an
     existing one. Torch calls must run under ``torch.no_grad()``.
@@ -189,7 +191,7 @@ def contenders(case, op, inputs, threads, torch=None, layer=None):
 
     target = np.empty_like(x)
     calls["copyto"] = lambda: np.copyto(target, x)
-    if threads > 1:
+    if threads > 1 and x.size >= PARALLEL_MIN_ELEMENTS:  # where it is split at all
         calls["split-copy"] = lambda: split_copy(target, x)
     return calls
 
