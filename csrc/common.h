@@ -46,13 +46,16 @@
  * Streaming stores: an output much larger than the cache is written around it, so that the
  * memory system does not first read every line of it (read-for-ownership): a third less
  * traffic for the normalize pass. x86-64 with AVX-512 only, built with GCC or Clang; the
- * kernels_float*.c files define the vector operations per type (FBN_VEC_*).
+ * kernels_float*.c files define the vector operations per type (FBN_VEC_*), which also
+ * serve the normalize pass over rows that starts at a cache line (loops.inc).
  */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
     !defined(FBN_NO_DISPATCH)
 #define FBN_STREAMING 1
 #endif
-/* Whether a kernel writing `bytes` of output should stream it (runtime.c). */
+/* Whether the CPU runs the AVX-512 loops; whether a kernel writing `bytes` of output
+   should stream it (runtime.c). */
+int fbn_has_avx512(void);
 int fbn_stream_output(int64_t bytes);
 #define FBN_STREAM_MIN_BYTES (8 * 1024 * 1024)
 /* Values of a streaming vector, at most: how far per-channel constants are wrapped. */

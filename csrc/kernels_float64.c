@@ -18,6 +18,7 @@
 #define FBN_VEC_LOAD _mm512_loadu_pd
 #define FBN_VEC_MASK_LOAD _mm512_maskz_loadu_pd
 #define FBN_VEC_MASK_STORE _mm512_mask_storeu_pd
+#define FBN_VEC_STORE _mm512_storeu_pd
 #define FBN_VEC_STREAM _mm512_stream_pd
 #define FBN_VEC_AFFINE(x, c, s, b) _mm512_fmadd_pd(_mm512_sub_pd(x, c), s, b)
 /* ((dy - k_0) - (x - mean) * k_x) * k_dy, as run_grad_input computes it */

@@ -193,10 +193,8 @@ int64_t fbn_tile_budget_bytes(void)
     return (int64_t)kib * 1024;
 }
 
-/* Outputs of more than FBN_STREAM_MIN_BYTES are streamed, on CPUs with AVX-512: the next
-   layer would not find most of them in cache anyway. (A fixed size: the L3 size the
-   system reports is unreliable in virtual machines, 320 MiB for a 32 MiB cache here.) */
-int fbn_stream_output(int64_t bytes)
+/* Whether the CPU runs the AVX-512 loops (loops.inc, FBN_STREAMING). Asked once. */
+int fbn_has_avx512(void)
 {
 #ifdef FBN_STREAMING
     static fbn_shared_int has_avx512 = -1; /* -1: not asked yet */
@@ -206,11 +204,18 @@ int fbn_stream_output(int64_t bytes)
         answer = __builtin_cpu_supports("avx512f") ? 1 : 0;
         has_avx512 = answer;
     }
-    return answer && bytes > FBN_STREAM_MIN_BYTES;
+    return answer;
 #else
-    (void)bytes;
     return 0;
 #endif
+}
+
+/* Outputs of more than FBN_STREAM_MIN_BYTES are streamed, on CPUs with AVX-512: the next
+   layer would not find most of them in cache anyway. (A fixed size: the L3 size the
+   system reports is unreliable in virtual machines, 320 MiB for a 32 MiB cache here.) */
+int fbn_stream_output(int64_t bytes)
+{
+    return fbn_has_avx512() && bytes > FBN_STREAM_MIN_BYTES;
 }
 
 const char *fbn_simd_level(void)
