@@ -212,8 +212,8 @@ def _footnote(report):
     copy = "numpy.copyto"
     if copy_threads:
         counts = "/".join(map(str, copy_threads))
-        copy = (f"the faster of numpy.copyto and a copy split over fastbn's {counts} threads"
-                " as its kernels split their work")
+        copy = (f"the faster of numpy.copyto and a copy split over fastbn's {counts} threads,"
+                " as its kernels split their work,")
     span = f"{min(rounds)}" if min(rounds) == max(rounds) else f"{min(rounds)}–{max(rounds)}"
     seconds = f"{report.seconds:.{0 if report.seconds >= 10 else 1}f}"
     notes = [
