@@ -4,5 +4,5 @@ cimport numpy as cnp
 
 cdef cnp.ndarray _eval_forward(object x, object running_mean, object running_var,
                                object weight, object bias, object eps, object axis,
-                               object out)
+                               object out, bint one_example=*)
 cdef bint _overlap(cnp.ndarray a, cnp.ndarray b) noexcept

@@ -115,10 +115,16 @@ cdef class _Batch:
     cdef bint single_precision
 
 
-cdef _Batch _batch(object x, object axis):
+cdef _Batch _batch(object x, object axis, bint one_example=False):
+    """x as the kernels see it. one_example: x is one example of C values, (C,), seen as
+    (1, C, 1) (the layer's call takes those; the functions take batches only)."""
     cdef cnp.ndarray array = _float_array(x, "x")
     cdef int ndim = cnp.PyArray_NDIM(array)
-    if ndim < 2:
+    if one_example:
+        if ndim != 1:
+            raise ValueError(f"one example must be a 1-D array, got shape {_shape(array)}")
+        axis = 0
+    elif ndim < 2:
         raise ValueError(
             f"x must have at least 2 dimensions (batch, channels, ...), got shape {_shape(array)}"
         )
@@ -368,9 +374,10 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
 
 cdef cnp.ndarray _eval_forward(object x, object running_mean, object running_var,
                                object weight, object bias, object eps, object axis,
-                               object out):
-    """batch_norm in eval mode (the layer's eval call comes here too, _core.pxd)."""
-    cdef _Batch batch = _batch(x, axis)
+                               object out, bint one_example=False):
+    """batch_norm in eval mode (the layer's eval call comes here too, _core.pxd); with
+    one_example, x (and out) of shape (C,)."""
+    cdef _Batch batch = _batch(x, axis, one_example)
     cdef cnp.npy_intp channels = batch.shape.channels
     cdef double eps_value = _eps(eps)
     cdef cnp.ndarray weight_array = None if weight is None else _channel_array(weight, "weight", batch.x, channels)

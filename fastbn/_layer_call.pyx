@@ -30,22 +30,20 @@ cdef class LayerCall:
     cdef public object _context
 
     def __call__(self, x, out=None):
-        # Eval with the plain running statistics: straight to the kernel. Any failure
-        # takes the general path, which explains it (or handles a 1-D example with out=).
+        # Eval with the plain running statistics: straight to the kernel, a batch or one
+        # example as a 1-D array (no views made of it). Any failure takes the general
+        # path, which explains it.
         cdef cnp.ndarray y
+        cdef bint one_example
         if not self.training and not self.debias and self.running_mean is not None:
             try:
-                if cnp.PyArray_NDIM(<cnp.ndarray?>x) != 1:
+                one_example = cnp.PyArray_NDIM(<cnp.ndarray?>x) == 1
+                if not one_example or self.axis == 1 or self.axis == -1:
                     y = _eval_forward(x, self.running_mean, self.running_var, self.weight,
-                                      self.bias, self.eps, self.axis, out)
+                                      self.bias, self.eps, self.axis, out, one_example)
                     overwritten = out is not None and _overlap(y, <cnp.ndarray>x)
                     self._context = OVERWRITTEN if overwritten else x
                     return y
-                if out is None:  # one example, as a 1-D array
-                    y = _eval_forward(x[None], self.running_mean, self.running_var,
-                                      self.weight, self.bias, self.eps, self.axis, None)
-                    self._context = x
-                    return y[0]
             except (TypeError, ValueError):
                 pass
         return self._forward(x, out)

@@ -439,6 +439,9 @@ def test_eval_with_running_statistics_goes_straight_to_the_kernel(rng, dtype):
     example = x[0]
     np.testing.assert_array_equal(fast(example), general._forward(example, None))
     assert fast._context is example  # what backward differentiates
+    example_out = np.empty_like(example)
+    assert fast(example, out=example_out) is example_out
+    np.testing.assert_array_equal(example_out, general._forward(example, None))
     fast.train()
     with pytest.raises(AssertionError, match="general path"):
         fast(x)
