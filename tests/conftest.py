@@ -92,7 +92,9 @@ SMALL_LAYOUTS = (
 #: inner == 1 ((N, C) and channels-last) by channel, by position, and with more channels
 #: than one column block; and short runs seen as rows of C * inner columns ("spread":
 #: inner 3 everywhere, inner 49 in the reductions but not in eval; by position, and, in
-#: the training forward of (160, 64, 7, 7), too large for the L2 caches, by channel).
+#: the training forward of (160, 64, 7, 7), too large for the L2 caches, by channel);
+#: narrow rows, walked as wide rows, with rows left over in a thread's part ((16411, 6),
+#: (3001, 40), and (9000, 2, 4) spread to rows of 8 columns).
 LARGE_LAYOUTS = (
     ((32, 64, 8, 8), 1),
     ((600, 64, 3), 1),
@@ -102,6 +104,9 @@ LARGE_LAYOUTS = (
     ((3, 2, 30001), 1),
     ((4096, 256), 1),
     ((40000, 3), 1),
+    ((16411, 6), 1),
+    ((3001, 40), 1),
+    ((9000, 2, 4), 1),
     ((300, 600), 1),
     ((8, 16, 16, 32), -1),
     ((32, 64, 8, 8), -1),
