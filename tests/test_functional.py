@@ -822,15 +822,17 @@ def _every_result(x, grad_out, weight, bias, running_mean, running_var, axis):
 @pytest.mark.parametrize(
     "case",
     cases(
-        (((96, 1024), 1), ((64, 640), 1), ((24, 64, 9), 1), ((1024, 1024), 1)),
+        (((96, 1024), 1), ((64, 640), 1), ((80, 256), 1), ((24, 64, 9), 1),
+         ((1024, 1024), 1)),
         orders=("C",),
     ),
 )
 def test_where_an_array_starts_in_its_cache_line_changes_nothing(case, rng):
     """Rows of 2 KiB or more start their passes at x's first 64-byte boundary (NumPy's
-    arrays start 16 bytes past one): the results are bit for bit those of an aligned x, at
-    every element offset, on rows by position, on tiles of columns ((1024, 1024): backward
-    by channel) and on short runs seen as rows ((24, 64, 9)).
+    arrays start 16 bytes past one), and the normalize pass does from 1 KiB ((80, 256)
+    float32): the results are bit for bit those of an aligned x, at every element offset,
+    on rows by position, on tiles of columns ((1024, 1024): backward by channel) and on
+    short runs seen as rows ((24, 64, 9)).
 
     y of the normalize pass: conftest.assert_same_values (its AVX-512 loop at the lead,
     the plain loop without)."""
