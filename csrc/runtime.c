@@ -220,7 +220,9 @@ int fbn_stream_output(int64_t bytes)
 
 const char *fbn_simd_level(void)
 {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(FBN_NO_DISPATCH)
+    return "baseline (built with FBN_NO_DISPATCH)";
+#elif defined(__x86_64__) && defined(__GNUC__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
