@@ -76,13 +76,13 @@ int64_t fbn_tile_budget_bytes(void);
  */
 #define FBN_GROUP 16
 /*
- * Narrow rows: rows (inner == 1) of fewer than FBN_NARROW columns leave vectors idle, or
- * end in a group narrower than FBN_GROUP whose loops cannot keep sums in registers, and pay
- * a loop per few values: (131072, 8) float32 moments took 4.4x the time of a copy, (43690,
- * 24) 2.5x. The loops walk them as wide rows of fbn_wide_columns(cols) columns, several rows
- * side by side (loops.inc: view_rows): whole groups, at least FBN_NARROW values ((131072,
- * 8) float32 eval took 1.25x the time with 16, backward 1.10x), at most FBN_WRAP. 0: rows
- * walked as they are (FBN_NARROW columns or more, or odd counts from 17 on).
+ * Narrow rows: rows (inner == 1) of fewer than FBN_NARROW columns leave vectors idle and
+ * pay a loop per few values: (131072, 8) float32 moments took 4.4x the time of a copy,
+ * (61680, 17) eval 2.3x. The loops walk them as wide rows of fbn_wide_columns(cols)
+ * columns, several rows side by side (loops.inc: view_rows): whole groups where such a row
+ * fits in FBN_WRAP columns (else its last group is a part: loops.inc, group_around), and at
+ * least FBN_NARROW values ((131072, 8) float32 eval took 1.25x the time with 16, backward
+ * 1.10x). 0: rows of FBN_NARROW columns or more, walked as they are.
  */
 #define FBN_NARROW 64
 
@@ -91,11 +91,11 @@ static inline int64_t fbn_wide_columns(int64_t cols)
     if (cols <= 0 || cols >= FBN_NARROW)
         return 0;
     int64_t wide = cols;
-    while (wide % FBN_GROUP != 0)
+    while (wide % FBN_GROUP != 0 && wide + cols <= FBN_WRAP)
         wide += cols;
     while (wide < FBN_NARROW)
         wide *= 2;
-    return wide <= FBN_WRAP ? wide : 0;
+    return wide;
 }
 
 /* Bytes of x per block of rows: a block and the one prefetched after it stay in L2. */
