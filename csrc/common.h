@@ -221,12 +221,16 @@ fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int64_t segment_
  * spread over their columns. The price is a constant per column, read with every value: it
  * pays where rows are many. fbn_spread gives the columns per channel, inner or 1 (no
  * spreading), for values of `value_bytes`. Measured (2 cores, AVX-512): reductions gain
- * 2-70x up to inner = 16, and up to 64 with 64 rows or more. Eval, a single pass with less
- * overhead per run, gains on runs of one vector (64 bytes) with 8 rows or more (float32
- * (64, 256, 9) and (16, 2048, 12) took 0.4-0.5x the time spread, (8, 4096, 8) 0.45x; (4, 4096,
- * 8) 1.2x), and on runs shorter than two with 64 rows or more (float32 (64, 256, 28)
- * 0.72x, float64 (64, 256, 10) 0.69x; float32 (32, 1024, 28) 1.05x, (8, 2048, 28) 2x). It
- * loses on longer ones (float32 (64, 512, 32) 1.2x; float64 (64, 512, 24) 1.4x).
+ * 2-70x up to inner = 16, and up to 64 with 64 rows or more; on runs shorter than four
+ * vectors (256 bytes), from 32 rows on (training forward of float32 (32, 1024, 40) 0.6x the
+ * time, (32, 512, 49) 0.84x, float64 (32, 256, 20) 0.45x; backward 0.5-1.0x; with 16 rows
+ * float64 (16, 256, 28) took 1.1x in training forward and 1.27x in backward). Eval, a
+ * single pass with less overhead per run, gains on runs of one vector (64 bytes) with 8
+ * rows or more (float32 (64, 256, 9) and (16, 2048, 12) took 0.4-0.5x the time spread, (8,
+ * 4096, 8) 0.45x; (4, 4096, 8) 1.2x), and on runs shorter than two with 64 rows or more
+ * (float32 (64, 256, 28) 0.72x, float64 (64, 256, 10) 0.69x; float32 (32, 1024, 28)
+ * 1.05x, (8, 2048, 28) 2x). It loses on longer ones (float32 (64, 512, 32) 1.2x; float64
+ * (64, 512, 24) 1.4x).
  */
 #define FBN_SPREAD_MAX_COLUMNS (64 * 1024)
 
@@ -235,7 +239,8 @@ static inline int64_t fbn_spread(fbn_shape shape, int reduces, size_t value_byte
     if (shape.inner <= 1 || shape.channels > FBN_SPREAD_MAX_COLUMNS / shape.inner)
         return 1;
     const int64_t run_bytes = shape.inner * (int64_t)value_bytes;
-    const int spreads = reduces ? shape.inner <= 16 || (shape.inner <= 64 && shape.outer >= 64)
+    const int spreads = reduces ? shape.inner <= 16 || (shape.inner <= 64 && shape.outer >= 64) ||
+                                      (run_bytes < 256 && shape.outer >= 32)
                                 : (run_bytes <= 64 && shape.outer >= 8) ||
                                       (run_bytes < 128 && shape.outer >= 64);
     return spreads ? shape.inner : 1;

@@ -91,8 +91,8 @@ SMALL_LAYOUTS = (
 #: inner > 1 by channel, inner > 1 by position (C < threads, and splits inside a run),
 #: inner == 1 ((N, C) and channels-last) by channel, by position, and with more channels
 #: than one column block; and short runs seen as rows of C * inner columns ("spread":
-#: inner 3 everywhere, inner 20 everywhere but in float64 eval, inner 49 in the reductions
-#: but not in eval; by position, and, in the training forward of (160, 64, 7, 7), too
+#: inner 3 everywhere, inner 20 everywhere but in float64 eval, inner 25 and 49 in the
+#: reductions but not in eval; by position, and, in the training forward of (160, 64, 7, 7), too
 #: large for the L2 caches, by channel);
 #: narrow rows, walked as wide rows, with rows left over in a thread's part ((16411, 6),
 #: (3001, 40), (4001, 17) whose wide rows end in part of a group, and (9000, 2, 4) spread
@@ -101,6 +101,7 @@ LARGE_LAYOUTS = (
     ((32, 64, 8, 8), 1),
     ((600, 64, 3), 1),
     ((64, 128, 20), 1),
+    ((32, 128, 25), 1),
     ((100, 40, 7, 7), 1),
     ((160, 64, 7, 7), 1),
     ((2, 3, 40000), 1),
