@@ -23,7 +23,7 @@ import numpy as np
 
 from fastbn._core import batch_norm as _batch_norm
 from fastbn._core import batch_norm_backward as _batch_norm_backward
-from fastbn._core import _may_share_memory, _train_forward
+from fastbn._core import _may_share_memory, _mean_invstd, _train_forward, _update_running
 from fastbn._layer_call import OVERWRITTEN as _OVERWRITTEN
 from fastbn._layer_call import LayerCall
 from fastbn.moments import Moments, moments
@@ -270,8 +270,8 @@ class BatchNorm(LayerCall):
             if batch_out is not None and _may_share_memory(batch_out, batch_x):
                 self._context = _OVERWRITTEN
             else:
-                self._context = _Context(x, mean.astype(self.dtype), self._invstd(var), True,
-                                         synchronized)
+                self._context = _Context(x, *_mean_invstd(mean, var, self.eps, self.dtype),
+                                         True, synchronized)
             return y
 
     def _normalize_with_batch_statistics(self, batch_x, batch_out):
@@ -291,20 +291,10 @@ class BatchNorm(LayerCall):
         values per channel, computed in float64 and stored in the layer's dtype."""
         tracked = int(self.num_batches_tracked) + 1
         factor = 1.0 / tracked if self.momentum is None else self.momentum
-        kept = 1.0 - factor
-        # Every new value first, then the writes: nothing is left half-updated on an error.
-        # A variance beyond float32's range becomes inf, quietly, as in PyTorch.
-        with np.errstate(over="ignore"):
-            unbiased_var = var * (count / (count - 1))
-            new_mean = (self.running_mean.astype(np.float64) * kept
-                        + mean * factor).astype(self.dtype)
-            new_var = (self.running_var.astype(np.float64) * kept
-                       + unbiased_var * factor).astype(self.dtype)
         # The one write that may fail (a user's integer array too small for the count) first;
-        # the others cannot, the arrays having been checked.
+        # the update of the running statistics cannot, the arrays having been checked.
         self.num_batches_tracked[...] = tracked
-        self.running_mean[...] = new_mean
-        self.running_var[...] = new_var
+        _update_running(self.running_mean, self.running_var, mean, var, factor, count)
         self._statistics_exact = False
 
     def _forward_running_statistics(self, x, batch_x, batch_out):
