@@ -46,6 +46,15 @@ class Moments:
         self.count, self.mean, self.m2 = count, mean, m2
 
     @classmethod
+    def _of(cls, count, mean, m2):
+        """Moments of float64 arrays known to be valid (fastbn's own results), kept as they
+        are: the checks and copies of ``__init__`` took 9 of the 11 us of moments() on
+        (2, 512)."""
+        moments = object.__new__(cls)
+        moments.count, moments.mean, moments.m2 = count, mean, m2
+        return moments
+
+    @classmethod
     def empty(cls, channels):
         """Moments of no data for ``channels`` channels: the identity of :meth:`merge`."""
         zeros = np.zeros(channels)
@@ -81,7 +90,7 @@ class Moments:
         share = np.divide(other.count, count, out=np.zeros_like(count), where=count > 0)
         mean = self.mean + delta * share
         m2 = self.m2 + other.m2 + delta * delta * self.count * share
-        return Moments(count, mean, m2)
+        return Moments._of(count, mean, m2)
 
     __add__ = merge
 
@@ -170,4 +179,4 @@ def moments(x, *, axis=1):
         As :func:`fastbn.batch_norm` for x and axis.
     """
     count, mean, m2 = _moments(x, axis=axis)
-    return Moments(np.full(mean.shape, float(count)), mean, m2)
+    return Moments._of(np.full(mean.shape, float(count)), mean, m2)
