@@ -443,8 +443,8 @@ def _update_running(cnp.ndarray running_mean not None, cnp.ndarray running_var n
     from the kernel) over ``count`` values per channel; the variance enters unbiased. A
     float32 value beyond float32's range becomes inf, as in PyTorch. The caller has checked
     the running arrays: writable, of shape (C,), float32 or float64, one dtype. A loop over
-    the channels (~0.3 us for 512); arrays strided or in another byte order go through
-    NumPy (~7 us)."""
+    the channels (~0.3 us for 512); running arrays that are strided, unaligned or in the
+    other byte order (batch_norm takes any) are updated through plain copies of them."""
     cdef double kept = 1.0 - factor, unbias = count / (count - 1)
     cdef cnp.npy_intp c, channels = cnp.PyArray_DIM(mean, 0)
     cdef const double *meanp = <const double *>cnp.PyArray_DATA(mean)
@@ -454,25 +454,25 @@ def _update_running(cnp.ndarray running_mean not None, cnp.ndarray running_var n
     cdef double *mean64
     cdef double *var64
     cdef int typenum = cnp.PyArray_TYPE(running_mean)
-    if _plain_array(running_mean, typenum) and _plain_array(running_var, typenum):
-        if typenum == cnp.NPY_FLOAT32:
-            mean32 = <float *>cnp.PyArray_DATA(running_mean)
-            var32 = <float *>cnp.PyArray_DATA(running_var)
-            for c in range(channels):
-                mean32[c] = <float>(mean32[c] * kept + meanp[c] * factor)
-                var32[c] = <float>(var32[c] * kept + varp[c] * unbias * factor)
-        else:
-            mean64 = <double *>cnp.PyArray_DATA(running_mean)
-            var64 = <double *>cnp.PyArray_DATA(running_var)
-            for c in range(channels):
-                mean64[c] = mean64[c] * kept + meanp[c] * factor
-                var64[c] = var64[c] * kept + varp[c] * unbias * factor
+    if not (_plain_array(running_mean, typenum) and _plain_array(running_var, typenum)):
+        native = running_mean.dtype.newbyteorder("=")
+        plain_mean, plain_var = np.array(running_mean, native), np.array(running_var, native)
+        _update_running(plain_mean, plain_var, mean, var, factor, count)
+        running_mean[...] = plain_mean
+        running_var[...] = plain_var
         return
-    with np.errstate(over="ignore"):
-        new_mean = running_mean.astype(np.float64) * kept + mean * factor
-        new_var = running_var.astype(np.float64) * kept + var * unbias * factor
-    running_mean[...] = new_mean
-    running_var[...] = new_var
+    if typenum == cnp.NPY_FLOAT32:
+        mean32 = <float *>cnp.PyArray_DATA(running_mean)
+        var32 = <float *>cnp.PyArray_DATA(running_var)
+        for c in range(channels):
+            mean32[c] = <float>(mean32[c] * kept + meanp[c] * factor)
+            var32[c] = <float>(var32[c] * kept + varp[c] * unbias * factor)
+    else:
+        mean64 = <double *>cnp.PyArray_DATA(running_mean)
+        var64 = <double *>cnp.PyArray_DATA(running_var)
+        for c in range(channels):
+            mean64[c] = mean64[c] * kept + meanp[c] * factor
+            var64[c] = var64[c] * kept + varp[c] * unbias * factor
 
 
 @cython.cdivision(True)  # eps = 0 and a constant channel: invstd = 1 / 0 = inf, no error
