@@ -87,16 +87,15 @@ SMALL_LAYOUTS = (
 )
 
 #: Layouts of >= 64K elements, which the kernels run on several threads (when there are
-#: several), covering both loop families and both ways of splitting work:
-#: inner > 1 by channel, inner > 1 by position (C < threads, and splits inside a run),
-#: inner == 1 ((N, C) and channels-last) by channel, by position, and with more channels
-#: than one column block; and short runs seen as rows of C * inner columns ("spread":
-#: inner 3 everywhere, inner 20 everywhere but in float64 eval, inner 25 and 49 in the
-#: reductions but not in eval; by position, and, in the training forward of (160, 64, 7, 7), too
-#: large for the L2 caches, by channel);
-#: narrow rows, walked as wide rows, with rows left over in a thread's part ((16411, 6),
-#: (3001, 40), (4001, 17) whose wide rows end in part of a group, and (9000, 2, 4) spread
-#: to rows of 8 columns).
+#: several), covering both loop families and both ways of splitting work: inner > 1 by
+#: channel, inner > 1 by position (C < threads, and splits inside a run), inner == 1
+#: ((N, C) and channels-last) by channel, by position, and with more channels than one
+#: column block; and short runs seen as rows of C * inner columns ("spread": inner 3
+#: everywhere, inner 20 everywhere but in float64 eval, inner 25 and 49 in the
+#: reductions but not in eval; by position, and, in the training forward of (160, 64, 7,
+#: 7), too large for the L2 caches, by channel); narrow rows, walked as wide rows, with
+#: rows left over in a thread's part ((16411, 6), (3001, 40), (4001, 17) whose wide rows
+#: end in part of a group, and (9000, 2, 4) spread to rows of 8 columns).
 LARGE_LAYOUTS = (
     ((32, 64, 8, 8), 1),
     ((600, 64, 3), 1),
