@@ -95,7 +95,8 @@ SMALL_LAYOUTS = (
 #: reductions but not in eval; by position, and, in the training forward of (160, 64, 7,
 #: 7), too large for the L2 caches, by channel); narrow rows, walked as wide rows, with
 #: rows left over in a thread's part ((16411, 6), (3001, 40), (4001, 17) whose wide rows
-#: end in part of a group, and (9000, 2, 4) spread to rows of 8 columns).
+#: end in part of a group, and (9000, 2, 4) spread to rows of 8 columns); and eval of few
+#: rows of many columns split by columns ((16, 4100), and (8, 1024, 8) spread).
 LARGE_LAYOUTS = (
     ((32, 64, 8, 8), 1),
     ((600, 64, 3), 1),
@@ -112,6 +113,8 @@ LARGE_LAYOUTS = (
     ((4001, 17), 1),
     ((9000, 2, 4), 1),
     ((300, 600), 1),
+    ((16, 4100), 1),
+    ((8, 1024, 8), 1),
     ((8, 16, 16, 32), -1),
     ((32, 64, 8, 8), -1),
 )

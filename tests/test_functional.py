@@ -824,7 +824,7 @@ def _every_result(x, grad_out, weight, bias, running_mean, running_var, axis):
     "case",
     cases(
         (((96, 1024), 1), ((64, 640), 1), ((80, 256), 1), ((24, 64, 9), 1),
-         ((1024, 1024), 1)),
+         ((1024, 1024), 1), ((16, 4096), 1)),
         orders=("C",),
     ),
 )
@@ -833,8 +833,9 @@ def test_where_an_array_starts_in_its_cache_line_changes_nothing(case, rng):
     arrays start 16 bytes past one), and the normalize pass does from 1 KiB ((80, 256)
     float32): the results are bit for bit those of an aligned x, at every element offset,
     on rows by position, on tiles of columns ((1024, 1024): backward by channel) and on
-    short runs seen as rows ((24, 64, 9)). The normalize pass runs one loop wherever x
-    starts (on AVX-512 CPUs its masked-vector loop, lead or not), so y is bit for bit too."""
+    short runs seen as rows ((24, 64, 9)), and eval by columns ((16, 4096)). The normalize
+    pass runs one loop wherever x starts (on AVX-512 CPUs its masked-vector loop, lead or
+    not), so y is bit for bit too."""
     x = case.array(rng)
     grad_out = rng.standard_normal(case.shape).astype(case.dtype)
     weight, bias = case.per_channel(rng), case.per_channel(rng)
