@@ -28,9 +28,12 @@ enum { FBN_OK = 0, FBN_NO_MEMORY = 1 };
 #define FBN_DECLARE_KERNELS(T, SUFFIX)                                                        \
     /* Per-channel mean and m2 = sum of squared deviations (count = outer*inner). */          \
     int fbn_moments_##SUFFIX(const T *x, fbn_shape shape, double *mean, double *m2);          \
-    /* Training forward: batch mean and biased var out (double), y normalized with them. */  \
+    /* Training forward: y normalized with the batch statistics, which go out as the mean   \
+       and biased var in double, and as the mean and invstd = 1 / sqrt(var + eps) in T       \
+       (batch_mean, invstd). Either pair may be NULL (both of it): not wanted. */            \
     int fbn_forward_train_##SUFFIX(const T *x, T *y, fbn_shape shape, const T *weight,        \
-                                   const T *bias, double eps, double *mean, double *var);     \
+                                   const T *bias, double eps, double *mean, double *var,      \
+                                   T *batch_mean, T *invstd);                                 \
     /* Eval forward: y normalized with the running statistics. */                             \
     int fbn_forward_eval_##SUFFIX(const T *x, T *y, fbn_shape shape, const T *running_mean,   \
                                   const T *running_var, const T *weight, const T *bias,       \

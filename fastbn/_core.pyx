@@ -243,30 +243,41 @@ cdef inline int _raise_on_failure(int status) except -1:
 # ----------------------------------------------------------------------- kernel calls
 
 cdef tuple _train_kernel(_Batch batch, cnp.ndarray y, cnp.ndarray weight, cnp.ndarray bias,
-                         double eps):
-    """Runs the training forward kernel; returns the batch (mean, biased var) in float64."""
+                         double eps, bint float64_statistics, bint statistics_as_x):
+    """Runs the training forward kernel. Returns the batch statistics asked for: the mean
+    and biased variance in float64 (float64_statistics), then the mean and invstd in x's
+    dtype (statistics_as_x), both computed by the kernel's threads."""
     cdef cnp.npy_intp channels = batch.shape.channels
-    cdef cnp.ndarray mean = cnp.PyArray_EMPTY(1, &channels, cnp.NPY_FLOAT64, 0)
-    cdef cnp.ndarray var = cnp.PyArray_EMPTY(1, &channels, cnp.NPY_FLOAT64, 0)
+    cdef cnp.ndarray mean = None, var = None, batch_mean = None, invstd = None
+    if float64_statistics:
+        mean = cnp.PyArray_EMPTY(1, &channels, cnp.NPY_FLOAT64, 0)
+        var = cnp.PyArray_EMPTY(1, &channels, cnp.NPY_FLOAT64, 0)
+    if statistics_as_x:
+        batch_mean = cnp.PyArray_EMPTY(1, &channels, cnp.PyArray_TYPE(y), 0)
+        invstd = cnp.PyArray_EMPTY(1, &channels, cnp.PyArray_TYPE(y), 0)
     weight = _ready_or_none(weight)
     bias = _ready_or_none(bias)
     cdef const void *xp = _data(batch.x)
     cdef void *yp = cnp.PyArray_DATA(y)
     cdef const void *wp = _data(weight)
     cdef const void *bp = _data(bias)
-    cdef double *meanp = <double *>cnp.PyArray_DATA(mean)
-    cdef double *varp = <double *>cnp.PyArray_DATA(var)
+    cdef double *meanp = <double *>_data(mean)
+    cdef double *varp = <double *>_data(var)
+    cdef void *batch_meanp = <void *>_data(batch_mean)
+    cdef void *invstdp = <void *>_data(invstd)
     cdef int status
     with nogil:
         if batch.single_precision:
             status = fbn_forward_train_f32(<const float *>xp, <float *>yp, batch.shape,
-                                           <const float *>wp, <const float *>bp, eps, meanp, varp)
+                                           <const float *>wp, <const float *>bp, eps, meanp, varp,
+                                           <float *>batch_meanp, <float *>invstdp)
         else:
             status = fbn_forward_train_f64(<const double *>xp, <double *>yp, batch.shape,
                                            <const double *>wp, <const double *>bp, eps, meanp,
-                                           varp)
+                                           varp, <double *>batch_meanp, <double *>invstdp)
     _raise_on_failure(status)
-    return mean, var
+    return ((mean, var) if float64_statistics else ()) + (
+        (batch_mean, invstd) if statistics_as_x else ())
 
 
 cdef _eval_kernel(_Batch batch, cnp.ndarray y, cnp.ndarray running_mean,
@@ -359,10 +370,12 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
             raise ValueError(f"{name} is read-only, but training updates it in place")
     _check_training_batch(batch)
     y = _output(batch, out)
-    mean, var = _train_kernel(batch, y, weight_array, bias_array, eps_value)
-    if mean_array is not None:
-        _update_running(mean_array, var_array, mean, var, momentum_value,
-                        batch.shape.outer * batch.shape.inner)
+    if mean_array is None:
+        _train_kernel(batch, y, weight_array, bias_array, eps_value, False, False)
+        return y
+    mean, var = _train_kernel(batch, y, weight_array, bias_array, eps_value, True, False)
+    _update_running(mean_array, var_array, mean, var, momentum_value,
+                    batch.shape.outer * batch.shape.inner)
     return y
 
 
@@ -418,8 +431,7 @@ def batch_norm_train(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None):
     TypeError, ValueError
         As :func:`batch_norm`.
     """
-    y, mean, var = _train_forward(x, weight, bias, eps, axis=axis, out=out)
-    return (y,) + _mean_and_invstd(mean, var, eps, cnp.PyArray_TYPE(y))  # eps checked above
+    return _train_forward(x, weight, bias, eps, axis=axis, out=out, statistics_as_x=True)
 
 
 def _mean_invstd(cnp.ndarray mean not None, cnp.ndarray var not None, double eps, dtype):
@@ -500,9 +512,11 @@ cdef tuple _mean_and_invstd(cnp.ndarray mean, cnp.ndarray var, double eps, int t
     return mean_out, invstd
 
 
-def _train_forward(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None):
+def _train_forward(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,
+                   bint statistics_as_x=False):
     """:func:`batch_norm_train` with the batch statistics as computed: (y, mean, var), the
-    biased variance, both float64. For the layer, which keeps them at full precision."""
+    biased variance, both float64, for the layer, which keeps them at full precision; or,
+    with statistics_as_x, (y, mean, invstd) in x's dtype, as batch_norm_train returns."""
     cdef _Batch batch = _batch(x, axis)
     cdef cnp.npy_intp channels = batch.shape.channels
     cdef double eps_value = _eps(eps)
@@ -510,8 +524,8 @@ def _train_forward(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None):
     cdef cnp.ndarray bias_array = None if bias is None else _channel_array(bias, "bias", batch.x, channels)
     _check_training_batch(batch)
     cdef cnp.ndarray y = _output(batch, out)
-    mean, var = _train_kernel(batch, y, weight_array, bias_array, eps_value)
-    return y, mean, var
+    return (y,) + _train_kernel(batch, y, weight_array, bias_array, eps_value,
+                                not statistics_as_x, statistics_as_x)
 
 
 def _moments(x, *, axis=1):

@@ -15,9 +15,11 @@ cdef extern from "fastbn.h" nogil:
     int fbn_moments_f32(const float *x, fbn_shape shape, double *mean, double *m2)
     int fbn_moments_f64(const double *x, fbn_shape shape, double *mean, double *m2)
     int fbn_forward_train_f32(const float *x, float *y, fbn_shape shape, const float *weight,
-                              const float *bias, double eps, double *mean, double *var)
+                              const float *bias, double eps, double *mean, double *var,
+                              float *batch_mean, float *invstd)
     int fbn_forward_train_f64(const double *x, double *y, fbn_shape shape, const double *weight,
-                              const double *bias, double eps, double *mean, double *var)
+                              const double *bias, double eps, double *mean, double *var,
+                              double *batch_mean, double *invstd)
     int fbn_forward_eval_f32(const float *x, float *y, fbn_shape shape, const float *running_mean,
                              const float *running_var, const float *weight, const float *bias,
                              double eps)
