@@ -34,6 +34,10 @@ enum { FBN_OK = 0, FBN_NO_MEMORY = 1 };
     int fbn_forward_train_##SUFFIX(const T *x, T *y, fbn_shape shape, const T *weight,        \
                                    const T *bias, double eps, double *mean, double *var,      \
                                    T *batch_mean, T *invstd);                                 \
+    /* The mean and invstd = 1 / sqrt(var + eps) in T of `channels` float64 means and        \
+       biased variances, as fbn_forward_train gives them (vectorized). */                    \
+    void fbn_mean_invstd_##SUFFIX(const double *mean, const double *var, double eps,          \
+                                  int64_t channels, T *batch_mean, T *invstd);                \
     /* Eval forward: y normalized with the running statistics. */                             \
     int fbn_forward_eval_##SUFFIX(const T *x, T *y, fbn_shape shape, const T *running_mean,   \
                                   const T *running_var, const T *weight, const T *bias,       \

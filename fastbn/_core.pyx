@@ -10,9 +10,7 @@ import operator
 
 import numpy as np
 
-cimport cython
 cimport numpy as cnp
-from libc.math cimport sqrt
 
 from fastbn._kernels cimport *
 
@@ -435,9 +433,22 @@ def batch_norm_train(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None):
 
 
 def _mean_invstd(cnp.ndarray mean not None, cnp.ndarray var not None, double eps, dtype):
-    """(mean, invstd) in ``dtype`` (float32 or float64) from float64 batch statistics, as
-    batch_norm_train returns them (for the layer, which keeps the float64 ones too)."""
-    return _mean_and_invstd(mean, var, eps, np.dtype(dtype).num)
+    """(mean, invstd) in ``dtype`` (float32 or float64) from float64 batch statistics (the
+    kernel's, C-contiguous), as batch_norm_train returns them: invstd = 1 / sqrt(var + eps)
+    in float64, rounded once (for the layer, which keeps the float64 ones too)."""
+    cdef cnp.npy_intp channels = cnp.PyArray_DIM(mean, 0)
+    cdef int typenum = np.dtype(dtype).num
+    cdef cnp.ndarray batch_mean = cnp.PyArray_EMPTY(1, &channels, typenum, 0)
+    cdef cnp.ndarray invstd = cnp.PyArray_EMPTY(1, &channels, typenum, 0)
+    cdef const double *meanp = <const double *>cnp.PyArray_DATA(mean)
+    cdef const double *varp = <const double *>cnp.PyArray_DATA(var)
+    if typenum == cnp.NPY_FLOAT32:
+        fbn_mean_invstd_f32(meanp, varp, eps, channels, <float *>cnp.PyArray_DATA(batch_mean),
+                            <float *>cnp.PyArray_DATA(invstd))
+    else:
+        fbn_mean_invstd_f64(meanp, varp, eps, channels, <double *>cnp.PyArray_DATA(batch_mean),
+                            <double *>cnp.PyArray_DATA(invstd))
+    return batch_mean, invstd
 
 
 cdef inline bint _plain_array(cnp.ndarray array, int typenum) noexcept:
@@ -485,31 +496,6 @@ def _update_running(cnp.ndarray running_mean not None, cnp.ndarray running_var n
         for c in range(channels):
             mean64[c] = mean64[c] * kept + meanp[c] * factor
             var64[c] = var64[c] * kept + varp[c] * unbias * factor
-
-
-@cython.cdivision(True)  # eps = 0 and a constant channel: invstd = 1 / 0 = inf, no error
-cdef tuple _mean_and_invstd(cnp.ndarray mean, cnp.ndarray var, double eps, int typenum):
-    """The batch mean and invstd = 1 / sqrt(var + eps), computed in float64 from the
-    kernel's float64 statistics and rounded to x's dtype (``typenum``) once: what NumPy's
-    1.0 / np.sqrt(var + eps) gives, in one loop instead of five array operations."""
-    cdef cnp.npy_intp c, channels = cnp.PyArray_DIM(mean, 0)
-    cdef cnp.ndarray mean_out = cnp.PyArray_EMPTY(1, &channels, typenum, 0)
-    cdef cnp.ndarray invstd = cnp.PyArray_EMPTY(1, &channels, typenum, 0)
-    cdef const double *meanp = <const double *>cnp.PyArray_DATA(mean)
-    cdef const double *varp = <const double *>cnp.PyArray_DATA(var)
-    cdef float *mean32 = <float *>cnp.PyArray_DATA(mean_out)
-    cdef float *invstd32 = <float *>cnp.PyArray_DATA(invstd)
-    cdef double *mean64 = <double *>cnp.PyArray_DATA(mean_out)
-    cdef double *invstd64 = <double *>cnp.PyArray_DATA(invstd)
-    if typenum == cnp.NPY_FLOAT32:
-        for c in range(channels):
-            mean32[c] = <float>meanp[c]
-            invstd32[c] = <float>(1.0 / sqrt(varp[c] + eps))
-    else:
-        for c in range(channels):
-            mean64[c] = meanp[c]
-            invstd64[c] = 1.0 / sqrt(varp[c] + eps)
-    return mean_out, invstd
 
 
 def _train_forward(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None,

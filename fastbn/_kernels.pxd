@@ -20,6 +20,10 @@ cdef extern from "fastbn.h" nogil:
     int fbn_forward_train_f64(const double *x, double *y, fbn_shape shape, const double *weight,
                               const double *bias, double eps, double *mean, double *var,
                               double *batch_mean, double *invstd)
+    void fbn_mean_invstd_f32(const double *mean, const double *var, double eps,
+                             int64_t channels, float *batch_mean, float *invstd)
+    void fbn_mean_invstd_f64(const double *mean, const double *var, double eps,
+                             int64_t channels, double *batch_mean, double *invstd)
     int fbn_forward_eval_f32(const float *x, float *y, fbn_shape shape, const float *running_mean,
                              const float *running_var, const float *weight, const float *bias,
                              double eps)
