@@ -15,6 +15,7 @@ CASES = [
     bench.Case((256, 1024)),
     bench.Case((4096, 256)),
     bench.Case((131072, 8)),  # narrow rows
+    bench.Case((16, 16384)),  # wide rows
     bench.Case((32, 64, 56, 56)),
 ]
 CONTENDERS = ["fastbn", "fastbn out=", "numpy", "copyto", "split-copy", "torch"]

@@ -69,6 +69,7 @@ DEFAULT_CASES = (
     Case((256, 1024)),
     Case((4096, 256)),
     Case((131072, 8)),  # narrow rows: a few features per example, as in tabular data
+    Case((16, 16384)),  # wide rows: few examples of many features
     Case((8, 256, 14, 14)),
     Case((64, 512, 7, 7)),  # short runs: ResNet's last stage
     Case((32, 64, 56, 56)),
@@ -88,7 +89,7 @@ QUICK_CASES = (
 
 _ALIASES = {
     "single": ("1x512",),
-    "nc": ("256x1024", "4096x256", "131072x8"),
+    "nc": ("256x1024", "4096x256", "131072x8", "16x16384"),
     "nchw": ("32x64x56x56",),
     "nhwc": ("32x56x56x64-nhwc",),
     "f64": ("16x64x56x56-f64", "256x1024-f64"),
