@@ -432,12 +432,30 @@ def batch_norm_train(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None):
     return _train_forward(x, weight, bias, eps, axis=axis, out=out, statistics_as_x=True)
 
 
+cpdef int _check_statistics(cnp.ndarray mean, cnp.ndarray var, cnp.npy_intp channels) except -1:
+    """The float64 batch statistics of `channels` channels that _mean_invstd and
+    _update_running read as raw arrays: they come from fastbn's kernels or from a layer's
+    _normalize_with_batch_statistics hook (SyncBatchNorm's), and anything else is refused
+    rather than read past its end."""
+    for name, array in (("mean", mean), ("var", var)):
+        if (cnp.PyArray_TYPE(array) != cnp.NPY_FLOAT64 or cnp.PyArray_NDIM(array) != 1
+                or not cnp.PyArray_ISCARRAY_RO(array) or not cnp.PyArray_ISNOTSWAPPED(array)):
+            raise ValueError(f"{name} must be a C-contiguous 1-D float64 array in native "
+                             f"byte order, got {array.dtype} of shape {_shape(array)}")
+        if cnp.PyArray_DIM(array, 0) != channels:
+            raise ValueError(f"{name} must have shape ({channels},), got {_shape(array)}")
+    return 0
+
+
 def _mean_invstd(cnp.ndarray mean not None, cnp.ndarray var not None, double eps, dtype):
     """(mean, invstd) in ``dtype`` (float32 or float64) from float64 batch statistics (the
     kernel's, C-contiguous), as batch_norm_train returns them: invstd = 1 / sqrt(var + eps)
     in float64, rounded once (for the layer, which keeps the float64 ones too)."""
+    _check_statistics(mean, var, cnp.PyArray_DIM(mean, 0))
     cdef cnp.npy_intp channels = cnp.PyArray_DIM(mean, 0)
     cdef int typenum = np.dtype(dtype).num
+    if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
+        raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
     cdef cnp.ndarray batch_mean = cnp.PyArray_EMPTY(1, &channels, typenum, 0)
     cdef cnp.ndarray invstd = cnp.PyArray_EMPTY(1, &channels, typenum, 0)
     cdef const double *meanp = <const double *>cnp.PyArray_DATA(mean)
@@ -468,6 +486,7 @@ def _update_running(cnp.ndarray running_mean not None, cnp.ndarray running_var n
     the running arrays: writable, of shape (C,), float32 or float64, one dtype. A loop over
     the channels (~0.3 us for 512); running arrays that are strided, unaligned or in the
     other byte order (batch_norm takes any) are updated through plain copies of them."""
+    _check_statistics(mean, var, cnp.PyArray_DIM(running_mean, 0))
     cdef double kept = 1.0 - factor, unbias = count / (count - 1)
     cdef cnp.npy_intp c, channels = cnp.PyArray_DIM(mean, 0)
     cdef const double *meanp = <const double *>cnp.PyArray_DATA(mean)

@@ -23,7 +23,13 @@ import numpy as np
 
 from fastbn._core import batch_norm as _batch_norm
 from fastbn._core import batch_norm_backward as _batch_norm_backward
-from fastbn._core import _may_share_memory, _mean_invstd, _train_forward, _update_running
+from fastbn._core import (
+    _check_statistics,
+    _may_share_memory,
+    _mean_invstd,
+    _train_forward,
+    _update_running,
+)
 from fastbn._layer_call import OVERWRITTEN as _OVERWRITTEN
 from fastbn._layer_call import LayerCall
 from fastbn.moments import Moments, moments
@@ -291,6 +297,7 @@ class BatchNorm(LayerCall):
         values per channel, computed in float64 and stored in the layer's dtype."""
         tracked = int(self.num_batches_tracked) + 1
         factor = 1.0 / tracked if self.momentum is None else self.momentum
+        _check_statistics(mean, var, self.num_features)  # from the normalize hook
         # The one write that may fail (a user's integer array too small for the count) first;
         # the update of the running statistics cannot, the arrays having been checked.
         self.num_batches_tracked[...] = tracked

@@ -705,6 +705,62 @@ def test_bad_num_features_are_rejected(num_features, exception):
         fastbn.BatchNorm(num_features)
 
 
+# ------------------------------------------- statistics from a layer's statistics hook
+
+
+class _HookedBatchNorm(fastbn.BatchNorm):
+    """A layer whose _normalize_with_batch_statistics hook (SyncBatchNorm's) returns the
+    statistics that ``spoil`` makes of the real ones."""
+
+    def __init__(self, spoil, **options):
+        super().__init__(CHANNELS, **options)
+        self.spoil = spoil
+
+    def _normalize_with_batch_statistics(self, batch_x, batch_out):
+        y, mean, var, count, synchronized = super()._normalize_with_batch_statistics(
+            batch_x, batch_out)
+        mean, var = self.spoil(mean, var)
+        return y, mean, var, count, synchronized
+
+
+@pytest.mark.parametrize(
+    ("spoil", "match"),
+    [
+        (lambda mean, var: (mean.astype(np.float32), var), r"^mean must be a C-contiguous"),
+        (lambda mean, var: (mean, var[:-1]), r"^var must have shape \(3,\), got \(2,\)"),
+        (lambda mean, var: (mean, np.repeat(var, 2)[::2]), r"^var must be a C-contiguous"),
+        (lambda mean, var: (mean[:-1], var[:-1]), r"^mean must have shape \(3,\)"),
+    ],
+    ids=["float32-mean", "short-var", "strided-var", "short-both"],
+)
+def test_bad_statistics_from_a_hook_are_rejected_and_nothing_is_modified(spoil, match):
+    """The float64 statistics a layer's hook hands back are read by C loops (the running
+    update and the backward's mean and invstd): a wrong dtype, layout or length is refused
+    before the running statistics or num_batches_tracked change."""
+    layer = _HookedBatchNorm(lambda mean, var: (mean, var))
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    layer(x)  # some state to keep: a first batch's statistics
+    layer.spoil = spoil
+    before = {name: value.copy() for name, value in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        layer(x)
+    for name, value in layer.state_dict().items():
+        np.testing.assert_array_equal(value, before[name], err_msg=name)
+
+
+def test_private_statistics_helpers_refuse_what_they_cannot_read():
+    mean, var = np.zeros(CHANNELS), np.ones(CHANNELS)
+    with pytest.raises(ValueError, match=r"^var must be a C-contiguous 1-D float64"):
+        fastbn._core._mean_invstd(mean, var.astype(np.float32), 1e-5, np.float32)
+    with pytest.raises(TypeError, match=r"^dtype must be float32 or float64, got int16"):
+        fastbn._core._mean_invstd(mean, var, 1e-5, np.int16)
+    running_mean, running_var = np.zeros(CHANNELS + 1), np.ones(CHANNELS + 1)
+    with pytest.raises(ValueError, match=r"^mean must have shape \(4,\), got \(3,\)"):
+        fastbn._core._update_running(running_mean, running_var, mean, var, 0.1, 10.0)
+    np.testing.assert_array_equal(running_mean, 0.0)
+    np.testing.assert_array_equal(running_var, 1.0)
+
+
 # ---------------------------------------------------------------------------- Moments
 
 # fmt: off
