@@ -60,7 +60,7 @@ int fbn_has_avx512(void);
 int fbn_stream_output(int64_t bytes);
 #define FBN_STREAM_MIN_BYTES (8 * 1024 * 1024)
 /* How far per-column arrays may be wrapped (continued by their first values, loops.inc):
-   a streaming vector's values (16 at most), or a wide row of narrow rows (below). */
+   a wide row of narrow rows (below) and a vector's values (16 at most) past it. */
 #define FBN_WRAP 256
 
 /* Data of one tile that the second pass of a kernel expects to find in L2: most of this
