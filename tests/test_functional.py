@@ -824,7 +824,7 @@ def _every_result(x, grad_out, weight, bias, running_mean, running_var, axis):
     "case",
     cases(
         (((96, 1024), 1), ((64, 640), 1), ((80, 256), 1), ((24, 64, 9), 1),
-         ((1024, 1024), 1), ((16, 4096), 1)),
+         ((1024, 1024), 1), ((16, 4096), 1), ((16386, 8), 1), ((3000, 3), 1)),
         orders=("C",),
     ),
 )
@@ -834,8 +834,10 @@ def test_where_an_array_starts_in_its_cache_line_changes_nothing(case, rng):
     float32): the results are bit for bit those of an aligned x, at every element offset,
     on rows by position, on tiles of columns ((1024, 1024): backward by channel) and on
     short runs seen as rows ((24, 64, 9)), and eval by columns ((16, 4096)). The normalize
-    pass runs one loop wherever x starts (on AVX-512 CPUs its masked-vector loop, lead or
-    not), so y is bit for bit too."""
+    pass computes every value with the same operations wherever x starts (on AVX-512 CPUs
+    row by row from a lead, or whole rows as one flat run, as for narrow rows seen as wide
+    ones: (16386, 8), whose second thread starts mid wide row, and (3000, 3)), so y is bit
+    for bit too."""
     x = case.array(rng)
     grad_out = rng.standard_normal(case.shape).astype(case.dtype)
     weight, bias = case.per_channel(rng), case.per_channel(rng)
