@@ -853,6 +853,36 @@ def test_where_an_array_starts_in_its_cache_line_changes_nothing(case, rng):
             np.testing.assert_array_equal(got, expected, err_msg=f"offset {offset}")
 
 
+@pytest.mark.parametrize(
+    "case", cases((((256, 256), 1), ((4096, 8), 1), ((512, 96), 1)), orders=("C",))
+)
+def test_where_out_starts_after_x_changes_nothing(case, rng):
+    """Where out starts 48 to 191 bytes after x modulo 4096, the normalize pass walks whole
+    rows backward (walked forward, the loads of x would wait on the stores to out with the
+    same low address bits): y is bit for bit that of a new array at every distance, for x
+    on a cache line and past one, in training and in eval."""
+    x = case.array(rng)
+    weight, bias = case.per_channel(rng), case.per_channel(rng)
+    running_mean, running_var = _running_stats(case, rng)
+    train = fastbn.batch_norm_train(x, weight, bias, axis=case.axis)[0]
+    evaluated = fastbn.batch_norm(x, running_mean, running_var, weight, bias, axis=case.axis)
+    itemsize = np.dtype(case.dtype).itemsize
+    gap = -x.nbytes % 4096  # out starts at x's offset in a page, plus the distance
+    raw = np.empty(4096 + 2 * x.nbytes + gap + 512, dtype=np.uint8)
+    for x_offset in (0, 16):
+        start = -raw.ctypes.data % 4096 + x_offset
+        placed = raw[start:start + x.nbytes].view(x.dtype).reshape(x.shape)
+        placed[...] = x
+        for distance in range(0, 256, itemsize):
+            at = start + x.nbytes + gap + distance
+            out = raw[at:at + x.nbytes].view(x.dtype).reshape(x.shape)
+            fastbn.batch_norm_train(placed, weight, bias, axis=case.axis, out=out)
+            np.testing.assert_array_equal(out, train, err_msg=f"train, distance {distance}")
+            fastbn.batch_norm(placed, running_mean, running_var, weight, bias, axis=case.axis,
+                              out=out)
+            np.testing.assert_array_equal(out, evaluated, err_msg=f"eval, distance {distance}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_strided_per_channel_arrays(dtype, rng):
     """weight, bias, running stats, mean and invstd that are views with a step are read
