@@ -451,8 +451,8 @@ def _mean_invstd(cnp.ndarray mean not None, cnp.ndarray var not None, double eps
     """(mean, invstd) in ``dtype`` (float32 or float64) from float64 batch statistics (the
     kernel's, C-contiguous), as batch_norm_train returns them: invstd = 1 / sqrt(var + eps)
     in float64, rounded once (for the layer, which keeps the float64 ones too)."""
-    _check_statistics(mean, var, cnp.PyArray_DIM(mean, 0))
-    cdef cnp.npy_intp channels = cnp.PyArray_DIM(mean, 0)
+    cdef cnp.npy_intp channels = cnp.PyArray_SIZE(mean)  # any rank: checked 1-D next
+    _check_statistics(mean, var, channels)
     cdef int typenum = np.dtype(dtype).num
     if typenum != cnp.NPY_FLOAT32 and typenum != cnp.NPY_FLOAT64:
         raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")

@@ -271,6 +271,9 @@ class BatchNorm(LayerCall):
                 self._check_statistics_writable()
             y, mean, var, count, synchronized = self._normalize_with_batch_statistics(
                 batch_x, batch_out)
+            # C loops read them (the running update, the backward's mean and invstd), and a
+            # hook (SyncBatchNorm's) may return anything: checked before any state moves
+            _check_statistics(mean, var, self.num_features)
             if update:
                 self._update_running_statistics(count, mean, var)
             if batch_out is not None and _may_share_memory(batch_out, batch_x):
@@ -297,7 +300,6 @@ class BatchNorm(LayerCall):
         values per channel, computed in float64 and stored in the layer's dtype."""
         tracked = int(self.num_batches_tracked) + 1
         factor = 1.0 / tracked if self.momentum is None else self.momentum
-        _check_statistics(mean, var, self.num_features)  # from the normalize hook
         # The one write that may fail (a user's integer array too small for the count) first;
         # the update of the running statistics cannot, the arrays having been checked.
         self.num_batches_tracked[...] = tracked

@@ -733,25 +733,36 @@ class _HookedBatchNorm(fastbn.BatchNorm):
     ],
     ids=["float32-mean", "short-var", "strided-var", "short-both"],
 )
-def test_bad_statistics_from_a_hook_are_rejected_and_nothing_is_modified(spoil, match):
+@pytest.mark.parametrize("track_running_stats", [True, False])
+def test_bad_statistics_from_a_hook_are_rejected_and_nothing_is_modified(
+        spoil, match, track_running_stats):
     """The float64 statistics a layer's hook hands back are read by C loops (the running
     update and the backward's mean and invstd): a wrong dtype, layout or length is refused
-    before the running statistics or num_batches_tracked change."""
-    layer = _HookedBatchNorm(lambda mean, var: (mean, var))
+    before the running statistics, num_batches_tracked or what backward() differentiates
+    change, with running statistics or without."""
+    layer = _HookedBatchNorm(lambda mean, var: (mean, var),
+                             track_running_stats=track_running_stats)
     x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
-    layer(x)  # some state to keep: a first batch's statistics
+    grad_out = np.ones_like(x)
+    layer(x)  # some state to keep: a first batch's statistics and its context
+    expected_grads = layer.backward(grad_out)
+    layer(x)
     layer.spoil = spoil
     before = {name: value.copy() for name, value in layer.state_dict().items()}
     with pytest.raises(ValueError, match=match):
         layer(x)
     for name, value in layer.state_dict().items():
         np.testing.assert_array_equal(value, before[name], err_msg=name)
+    for got, expected in zip(layer.backward(grad_out), expected_grads):
+        np.testing.assert_array_equal(got, expected)  # the first call's context still
 
 
 def test_private_statistics_helpers_refuse_what_they_cannot_read():
     mean, var = np.zeros(CHANNELS), np.ones(CHANNELS)
     with pytest.raises(ValueError, match=r"^var must be a C-contiguous 1-D float64"):
         fastbn._core._mean_invstd(mean, var.astype(np.float32), 1e-5, np.float32)
+    with pytest.raises(ValueError, match=r"^mean must be a C-contiguous 1-D float64"):
+        fastbn._core._mean_invstd(np.array(0.0), np.array(1.0), 1e-5, np.float32)  # 0-d
     with pytest.raises(TypeError, match=r"^dtype must be float32 or float64, got int16"):
         fastbn._core._mean_invstd(mean, var, 1e-5, np.int16)
     running_mean, running_var = np.zeros(CHANNELS + 1), np.ones(CHANNELS + 1)
