@@ -48,7 +48,7 @@
  * memory system does not first read every line of it (read-for-ownership): a third less
  * traffic for the normalize pass. x86-64 with AVX-512 only, built with GCC or Clang; the
  * kernels_float*.c files define the vector operations per type (FBN_VEC_*), which also
- * serve the normalize pass over rows that starts at a cache line (loops.inc).
+ * serve the normalize pass over rows that starts at a cache line (kernels/avx512.inc).
  */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
     !defined(FBN_NO_DISPATCH)
@@ -59,8 +59,9 @@
 int fbn_has_avx512(void);
 int fbn_stream_output(int64_t bytes);
 #define FBN_STREAM_MIN_BYTES (8 * 1024 * 1024)
-/* How far per-column arrays may be wrapped (continued by their first values, loops.inc):
-   a wide row of narrow rows (below) and a vector's values (16 at most) past it. */
+/* How far per-column arrays may be wrapped (continued by their first values,
+   kernels/columns.inc): a wide row of narrow rows (below) and a vector's values (16 at
+   most) past it. */
 #define FBN_WRAP 256
 
 /* Data of one tile that the second pass of a kernel expects to find in L2: most of this
@@ -80,10 +81,10 @@ int64_t fbn_tile_budget_bytes(void);
  * Narrow rows: rows (inner == 1) of fewer than FBN_NARROW columns leave vectors idle and
  * pay a loop per few values: (131072, 8) float32 moments took 4.4x the time of a copy,
  * (61680, 17) eval 2.3x. The loops walk them as wide rows of fbn_wide_columns(cols)
- * columns, several rows side by side (loops.inc: view_rows): whole groups where such a row
- * fits in FBN_WRAP columns (else its last group is a part: loops.inc, group_around), and at
- * least FBN_NARROW values ((131072, 8) float32 eval took 1.25x the time with 16, backward
- * 1.10x). 0: rows of FBN_NARROW columns or more, walked as they are.
+ * columns, several rows side by side (kernels/tiles.inc: view_rows): whole groups where
+ * such a row fits in FBN_WRAP columns (else its last group is a part: kernels/loops.inc,
+ * group_around), and at least FBN_NARROW values ((131072, 8) float32 eval took 1.25x the
+ * time with 16, backward 1.10x). 0: rows of FBN_NARROW columns or more, walked as they are.
  */
 #define FBN_NARROW 64
 

@@ -9,7 +9,7 @@
 #define SQRT_T sqrtf
 
 #ifdef FBN_STREAMING
-/* The vector operations of the streaming loops (loops.inc), in AVX-512 for this type. */
+/* The vector operations of the AVX-512 loops (kernels/avx512.inc), in AVX-512 for this type. */
 #include <immintrin.h>
 #define FBN_VEC __m512
 #define FBN_MASK __mmask16
@@ -27,5 +27,8 @@
 #endif
 
 #include "kernels/loops.inc"
+#include "kernels/avx512.inc"
+#include "kernels/columns.inc"
+#include "kernels/tiles.inc"
 #include "kernels/forward.inc"
 #include "kernels/backward.inc"

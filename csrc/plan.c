@@ -14,7 +14,7 @@ fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int64_t segment_
     const int64_t C = shape.channels, M = shape.outer * shape.inner;
     fbn_plan plan = {fbn_threads_for(C * M), 0, 0};
     /* Narrow rows are walked as wide rows, whose per-column arrays must be wrapped, as they
-       are by position (loops.inc: view_rows). */
+       are by position (kernels/tiles.inc: view_rows). */
     if (parallel_only_by_position || C * M == 0 || (shape.inner == 1 && fbn_wide_columns(C)))
         return plan;
     /* A spread view that fits the cores' L2 caches together is read from cache by the second

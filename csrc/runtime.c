@@ -193,7 +193,7 @@ int64_t fbn_tile_budget_bytes(void)
     return (int64_t)kib * 1024;
 }
 
-/* Whether the CPU runs the AVX-512 loops (loops.inc, FBN_STREAMING). Asked once. */
+/* Whether the CPU runs the AVX-512 loops (kernels/avx512.inc, FBN_STREAMING). Asked once. */
 int fbn_has_avx512(void)
 {
 #ifdef FBN_STREAMING
