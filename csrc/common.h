@@ -210,6 +210,9 @@ typedef struct {
     int nparts;
     int by_channel;
     int64_t channels_per_tile; /* by_channel only */
+    int64_t tile_shift;        /* by_channel: tiles after the first start this many channels
+                                  past a multiple of channels_per_tile, the first taking them
+                                  (kernels/tiles.inc: align_tiles) */
 } fbn_plan;
 
 fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int64_t segment_columns,
@@ -270,8 +273,8 @@ static inline void fbn_split(int64_t n, int part, int nparts, int64_t *begin, in
 static inline fbn_tile fbn_channel_tile(fbn_shape shape, const fbn_plan *plan, int64_t t)
 {
     fbn_tile tile;
-    tile.c0 = t * plan->channels_per_tile;
-    tile.c1 = tile.c0 + plan->channels_per_tile;
+    tile.c0 = t == 0 ? 0 : t * plan->channels_per_tile + plan->tile_shift;
+    tile.c1 = (t + 1) * plan->channels_per_tile + plan->tile_shift;
     if (tile.c1 > shape.channels)
         tile.c1 = shape.channels;
     tile.m0 = 0;
@@ -281,7 +284,8 @@ static inline fbn_tile fbn_channel_tile(fbn_shape shape, const fbn_plan *plan, i
 
 static inline int64_t fbn_tile_count(fbn_shape shape, const fbn_plan *plan)
 {
-    return (shape.channels + plan->channels_per_tile - 1) / plan->channels_per_tile;
+    const int64_t after_shift = shape.channels - plan->tile_shift;
+    return (after_shift + plan->channels_per_tile - 1) / plan->channels_per_tile;
 }
 
 /* Working memory for one kernel call (runtime.c): at least `bytes`, aligned as malloc's, or

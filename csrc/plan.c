@@ -12,7 +12,7 @@ fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int64_t segment_
                        int64_t tile_multiple, int parallel_only_by_position)
 {
     const int64_t C = shape.channels, M = shape.outer * shape.inner;
-    fbn_plan plan = {fbn_threads_for(C * M), 0, 0};
+    fbn_plan plan = {fbn_threads_for(C * M), 0, 0, 0};
     /* Narrow rows are walked as wide rows, whose per-column arrays must be wrapped, as they
        are by position (kernels/tiles.inc: view_rows). */
     if (parallel_only_by_position || C * M == 0 || (shape.inner == 1 && fbn_wide_columns(C)))
