@@ -823,15 +823,15 @@ def _every_result(x, grad_out, weight, bias, running_mean, running_var, axis):
 @pytest.mark.parametrize(
     "case",
     cases(
-        (((96, 1024), 1), ((256, 1024), 1), ((64, 640), 1), ((80, 256), 1), ((24, 64, 9), 1),
-         ((1024, 1024), 1), ((16, 4096), 1), ((16386, 8), 1), ((3000, 3), 1)),
+        (((96, 1024), 1), ((256, 1024), 1), ((64, 640), 1), ((80, 256), 1), ((512, 128), 1),
+         ((24, 64, 9), 1), ((1024, 1024), 1), ((16, 4096), 1), ((16386, 8), 1), ((3000, 3), 1)),
         orders=("C",),
     ),
 )
 def test_where_an_array_starts_in_its_cache_line_changes_nothing(case, rng):
     """Rows of 2 KiB or more start their passes at x's first 64-byte boundary (NumPy's
-    arrays start 16 bytes past one), and the normalize pass does from 1 KiB ((80, 256)
-    float32): the results are bit for bit those of an aligned x, at every element offset,
+    arrays start 16 bytes past one), and the normalize pass and the backward's sums do
+    from 1 KiB ((80, 256) float32, (512, 128) float64): the results are bit for bit those of an aligned x, at every element offset,
     on rows by position ((1024, 1024)), on tiles of columns (the backward by channel of
     (96, 1024), (256, 1024) and (16, 4096), whose tiles after the first then start on a
     line of x) and on short runs seen as rows ((24, 64, 9)), and eval by columns
