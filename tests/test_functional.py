@@ -838,7 +838,9 @@ def test_where_an_array_starts_in_its_cache_line_changes_nothing(case, rng):
     ((16, 4096)). The normalize pass computes every value with the same operations
     wherever x starts (on AVX-512 CPUs row by row from a lead, or whole rows as one flat
     run, as for narrow rows seen as wide ones: (16386, 8), whose second thread starts mid
-    wide row, and (3000, 3)), so y is bit for bit too."""
+    wide row, and (3000, 3)), so y is bit for bit too. grad_out may start at another offset
+    than x (in float64 on AVX-512 CPUs the backward's sums then join each vector of
+    grad_out from the whole lines it straddles): bit for bit too."""
     x = case.array(rng)
     grad_out = rng.standard_normal(case.shape).astype(case.dtype)
     weight, bias = case.per_channel(rng), case.per_channel(rng)
@@ -847,11 +849,15 @@ def test_where_an_array_starts_in_its_cache_line_changes_nothing(case, rng):
     aligned = _every_result(_placed(x, 0), _placed(grad_out, 0), *per_channel, case.axis)
     check_train_y(case, aligned[0], x, weight, bias)
     itemsize = np.dtype(case.dtype).itemsize
-    for offset in range(itemsize, 64, itemsize):
-        placed = _every_result(_placed(x, offset), _placed(grad_out, offset), *per_channel,
-                               case.axis)
+    offsets = range(itemsize, 64, itemsize)
+    pairs = [(o, o) for o in offsets] + [(0, o) for o in offsets] + [(o, 0) for o in offsets]
+    for x_offset, grad_offset in pairs:
+        placed = _every_result(_placed(x, x_offset), _placed(grad_out, grad_offset),
+                               *per_channel, case.axis)
         for got, expected in zip(placed, aligned):
-            np.testing.assert_array_equal(got, expected, err_msg=f"offset {offset}")
+            np.testing.assert_array_equal(
+                got, expected, err_msg=f"x at offset {x_offset}, grad_out at {grad_offset}"
+            )
 
 
 @pytest.mark.parametrize(
