@@ -831,16 +831,17 @@ def _every_result(x, grad_out, weight, bias, running_mean, running_var, axis):
 def test_where_an_array_starts_in_its_cache_line_changes_nothing(case, rng):
     """Rows of 2 KiB or more start their passes at x's first 64-byte boundary (NumPy's
     arrays start 16 bytes past one), and the normalize pass and the backward's sums do
-    from 1 KiB ((80, 256) float32, (512, 128) float64): the results are bit for bit those of an aligned x, at every element offset,
-    on rows by position ((1024, 1024)), on tiles of columns (the backward by channel of
-    (96, 1024), (256, 1024) and (16, 4096), whose tiles after the first then start on a
-    line of x) and on short runs seen as rows ((24, 64, 9)), and eval by columns
-    ((16, 4096)). The normalize pass computes every value with the same operations
-    wherever x starts (on AVX-512 CPUs row by row from a lead, or whole rows as one flat
-    run, as for narrow rows seen as wide ones: (16386, 8), whose second thread starts mid
-    wide row, and (3000, 3)), so y is bit for bit too. grad_out may start at another offset
-    than x (in float64 on AVX-512 CPUs the backward's sums then join each vector of
-    grad_out from the whole lines it straddles): bit for bit too."""
+    from 1 KiB ((80, 256) float32, (512, 128) float64): the results are bit for bit those
+    of an aligned x, at every element offset, on rows by position ((1024, 1024)), on tiles
+    of columns (the backward by channel of (96, 1024), (256, 1024) and (16, 4096), whose
+    tiles after the first then start on a line of x) and on short runs seen as rows
+    ((24, 64, 9)), and eval by columns ((16, 4096)). The normalize pass computes every
+    value with the same operations wherever x starts (on AVX-512 CPUs row by row from a
+    lead, or whole rows as one flat run, as for narrow rows seen as wide ones: (16386, 8),
+    whose second thread starts mid wide row, and (3000, 3)), so y is bit for bit too.
+    grad_out may start at another offset than x (in float64 on AVX-512 CPUs the
+    backward's sums then join each vector of grad_out from the whole lines it straddles):
+    bit for bit too."""
     x = case.array(rng)
     grad_out = rng.standard_normal(case.shape).astype(case.dtype)
     weight, bias = case.per_channel(rng), case.per_channel(rng)
