@@ -212,7 +212,7 @@ typedef struct {
     int64_t channels_per_tile; /* by_channel only */
     int64_t tile_shift;        /* by_channel: tiles after the first start this many channels
                                   past a multiple of channels_per_tile, the first taking them
-                                  (kernels/tiles.inc: align_tiles) */
+                                  (kernels/backward.inc: align_tiles) */
 } fbn_plan;
 
 fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int64_t segment_columns,
