@@ -867,28 +867,38 @@ def test_where_an_array_starts_in_its_cache_line_changes_nothing(case, rng):
 def test_where_out_starts_after_x_changes_nothing(case, rng):
     """Where out starts 48 to 191 bytes after x modulo 4096, the normalize pass walks whole
     rows backward (walked forward, the loads of x would wait on the stores to out with the
-    same low address bits): y is bit for bit that of a new array at every distance, for x
-    on a cache line and past one, in training and in eval."""
+    same low address bits), and so does the backward's grad_x pass over rows, where grad_x
+    starts so after x or grad_out: y and grad_x are bit for bit those of a new array at
+    every distance, for x (and grad_out) on a cache line and past one, in training and in
+    eval."""
     x = case.array(rng)
+    grad_out = rng.standard_normal(case.shape).astype(case.dtype)
     weight, bias = case.per_channel(rng), case.per_channel(rng)
     running_mean, running_var = _running_stats(case, rng)
-    train = fastbn.batch_norm_train(x, weight, bias, axis=case.axis)[0]
+    train, mean, invstd = fastbn.batch_norm_train(x, weight, bias, axis=case.axis)
     evaluated = fastbn.batch_norm(x, running_mean, running_var, weight, bias, axis=case.axis)
+    grad_x = fastbn.batch_norm_backward(grad_out, x, mean, invstd, weight, axis=case.axis)[0]
     itemsize = np.dtype(case.dtype).itemsize
-    gap = -x.nbytes % 4096  # out starts at x's offset in a page, plus the distance
-    raw = np.empty(4096 + 2 * x.nbytes + gap + 512, dtype=np.uint8)
+    gap = -x.nbytes % 4096  # each array starts at x's offset in a page; out, a distance on
+    raw = np.empty(4096 + 3 * (x.nbytes + gap) + 512, dtype=np.uint8)
     for x_offset in (0, 16):
         start = -raw.ctypes.data % 4096 + x_offset
         placed = raw[start:start + x.nbytes].view(x.dtype).reshape(x.shape)
         placed[...] = x
+        grad_start = start + x.nbytes + gap
+        placed_grad = raw[grad_start:grad_start + x.nbytes].view(x.dtype).reshape(x.shape)
+        placed_grad[...] = grad_out
         for distance in range(0, 256, itemsize):
-            at = start + x.nbytes + gap + distance
+            at = grad_start + x.nbytes + gap + distance
             out = raw[at:at + x.nbytes].view(x.dtype).reshape(x.shape)
             fastbn.batch_norm_train(placed, weight, bias, axis=case.axis, out=out)
             np.testing.assert_array_equal(out, train, err_msg=f"train, distance {distance}")
             fastbn.batch_norm(placed, running_mean, running_var, weight, bias, axis=case.axis,
                               out=out)
             np.testing.assert_array_equal(out, evaluated, err_msg=f"eval, distance {distance}")
+            fastbn.batch_norm_backward(placed_grad, placed, mean, invstd, weight,
+                                       axis=case.axis, out=out)
+            np.testing.assert_array_equal(out, grad_x, err_msg=f"backward, distance {distance}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
