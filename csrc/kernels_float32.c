@@ -21,9 +21,6 @@
 #define FBN_VEC_STORE _mm512_storeu_ps
 #define FBN_VEC_STREAM _mm512_stream_ps
 #define FBN_VEC_AFFINE(x, c, s, b) _mm512_fmadd_ps(_mm512_sub_ps(x, c), s, b)
-/* ((dy - k_0) - (x - mean) * k_x) * k_dy, as run_grad_input computes it */
-#define FBN_VEC_GRAD(dy, x, mean, k_dy, k_x, k_0) \
-    _mm512_mul_ps(_mm512_fnmadd_ps(_mm512_sub_ps(x, mean), k_x, _mm512_sub_ps(dy, k_0)), k_dy)
 #endif
 
 #include "kernels/loops.inc"
