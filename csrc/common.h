@@ -216,7 +216,8 @@ typedef struct {
 } fbn_plan;
 
 fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int64_t segment_columns,
-                       int64_t tile_multiple, int parallel_only_by_position);
+                       int64_t tile_multiple, int parallel_only_by_position,
+                       int64_t parallel_min_elements);
 
 /*
  * Spreading: where a channel's runs are short (inner > 1 but small), per-run loops spend
@@ -294,9 +295,9 @@ static inline int64_t fbn_tile_count(fbn_shape shape, const fbn_plan *plan)
 void *fbn_scratch_take(size_t bytes);
 void fbn_scratch_give(void *scratch);
 
-/* Threads available to a kernel over `elements` values: 1 for small input and in a child
-   process forked after OpenMP was used (threads.c). */
-int fbn_threads_for(int64_t elements);
+/* Threads available to a kernel over `elements` values: 1 below `min_elements` (fastbn.h:
+   FBN_*PARALLEL_MIN_ELEMENTS) and in a child process forked after OpenMP was used. */
+int fbn_threads_for(int64_t elements, int64_t min_elements);
 
 /* Calls body(context, part, nparts) for every part, on nparts threads when nparts > 1. */
 typedef void (*fbn_part_body)(void *context, int part, int nparts);

@@ -53,8 +53,16 @@ FBN_DECLARE_KERNELS(float, f32)
 FBN_DECLARE_KERNELS(double, f64)
 
 /* Below this many elements a kernel runs on the calling thread: an OpenMP region costs
-   microseconds, more than the whole job. */
-#define FBN_PARALLEL_MIN_ELEMENTS (64 * 1024)
+   microseconds, more than it saves on a small job. Where two threads start to gain depends
+   on the kernel (2 cores, float32, one and two threads alternated call by call, rows of 64,
+   256 and 1024 columns and runs of 49 and 196 values): eval, one pass, took 0.70-0.75x the
+   time on two threads at 32K values (0.92-1.08x at 16K); the backward 0.49-0.88x at 16K;
+   the training forward, two passes with a merge of the parts' moments between them, lost
+   on some layouts up to 64K (rows of 1024 columns 1.46x at 64K in one series, 0.79x in
+   another). */
+#define FBN_PARALLEL_MIN_ELEMENTS (64 * 1024)          /* training forward, moments */
+#define FBN_ONE_PASS_PARALLEL_MIN_ELEMENTS (32 * 1024) /* eval forward, fbn_copy */
+#define FBN_BACKWARD_PARALLEL_MIN_ELEMENTS (16 * 1024)
 
 /* Threads (threads.c). set_num_threads(0) returns to the OpenMP default. */
 int fbn_openmp_enabled(void);

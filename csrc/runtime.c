@@ -61,13 +61,13 @@ int fbn_get_num_threads(void)
 #endif
 }
 
-int fbn_threads_for(int64_t elements)
+int fbn_threads_for(int64_t elements, int64_t min_elements)
 {
-    if (elements < FBN_PARALLEL_MIN_ELEMENTS)
+    if (elements < min_elements)
         return 1;
     int threads = fbn_get_num_threads();
     /* Every thread gets at least half the serial threshold, or it costs more than it saves. */
-    int64_t useful = elements / (FBN_PARALLEL_MIN_ELEMENTS / 2);
+    int64_t useful = elements / (min_elements / 2);
     return useful < threads ? (int)useful : threads;
 }
 
@@ -123,7 +123,8 @@ static void copy_part(void *context, int part, int nparts)
 void fbn_copy(void *dst, const void *src, int64_t elements, int64_t itemsize)
 {
     copy_job job = {dst, src, elements * itemsize};
-    fbn_run_parts(copy_part, &job, fbn_threads_for(elements));
+    /* split as eval, a pass of one read and one write, splits its work */
+    fbn_run_parts(copy_part, &job, fbn_threads_for(elements, FBN_ONE_PASS_PARALLEL_MIN_ELEMENTS));
 }
 
 /*

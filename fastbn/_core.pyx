@@ -176,8 +176,8 @@ cdef bint _overlap(cnp.ndarray a, cnp.ndarray b) noexcept:
     return a_low < b_high and b_low < a_high
 
 
-#: Kernels over fewer values run on the calling thread (csrc/fastbn.h).
-_PARALLEL_MIN_ELEMENTS = FBN_PARALLEL_MIN_ELEMENTS
+#: _copy over fewer values runs on the calling thread, as eval does (csrc/fastbn.h).
+_COPY_PARALLEL_MIN_ELEMENTS = FBN_ONE_PASS_PARALLEL_MIN_ELEMENTS
 
 
 def _copy(cnp.ndarray out not None, cnp.ndarray x not None):

@@ -10,7 +10,7 @@ cdef extern from "fastbn.h" nogil:
     enum:
         FBN_OK
         FBN_NO_MEMORY
-        FBN_PARALLEL_MIN_ELEMENTS
+        FBN_ONE_PASS_PARALLEL_MIN_ELEMENTS
 
     int fbn_moments_f32(const float *x, fbn_shape shape, double *mean, double *m2)
     int fbn_moments_f64(const double *x, fbn_shape shape, double *mean, double *m2)

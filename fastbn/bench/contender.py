@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import fastbn
-from fastbn._core import _PARALLEL_MIN_ELEMENTS as PARALLEL_MIN_ELEMENTS
+from fastbn._core import _COPY_PARALLEL_MIN_ELEMENTS
 from fastbn._core import _copy as split_copy
 
 from .cases import OPS
@@ -191,7 +191,7 @@ def contenders(case, op, inputs, threads, torch=None, layer=None):
 
     target = np.empty_like(x)
     calls["copyto"] = lambda: np.copyto(target, x)
-    if threads > 1 and x.size >= PARALLEL_MIN_ELEMENTS:  # where it is split at all
+    if threads > 1 and x.size >= _COPY_PARALLEL_MIN_ELEMENTS:  # where it is split at all
         calls["split-copy"] = lambda: split_copy(target, x)
     return calls
 
