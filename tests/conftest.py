@@ -86,18 +86,22 @@ SMALL_LAYOUTS = (
     ((3, 1100), 0),
 )
 
-#: Layouts of >= 64K elements, which the kernels run on several threads (when there are
-#: several), covering both loop families and both ways of splitting work: inner > 1 by
-#: channel, inner > 1 by position (C < threads, and splits inside a run), inner == 1
-#: ((N, C) and channels-last) by channel, by position, and with more channels than one
-#: column block; and short runs seen as rows of C * inner columns ("spread": inner 3
-#: everywhere, inner 20 everywhere but in float64 eval, inner 25 and 49 in the
-#: reductions but not in eval; by position, and, in the training forward of (160, 64, 7,
-#: 7), too large for the L2 caches, by channel); narrow rows, walked as wide rows, with
-#: rows left over in a thread's part ((16411, 6), (3001, 40), (4001, 17) whose wide rows
-#: end in part of a group, and (9000, 2, 4) spread to rows of 8 columns); and eval of few
-#: rows of many columns split by columns ((16, 4100), and (8, 1024, 8) spread).
+#: Layouts the kernels run on several threads (when there are several): from 16K values the
+#: backward, from 32K eval, from 64K the training forward (csrc/fastbn.h), so the first three
+#: only some of them; covering both loop families and both ways of splitting work: inner > 1 by
+#: channel, inner > 1 by position (C < threads, and splits inside a run), inner == 1 ((N, C)
+#: and channels-last) by channel, by position, and with more channels than one column block;
+#: and short runs seen as rows of C * inner columns ("spread": inner 3 everywhere, inner 20
+#: everywhere but in float64 eval, inner 25 and 49 in the reductions but not in eval; by
+#: position, and, in the training forward of (160, 64, 7, 7), too large for the L2 caches, by
+#: channel); narrow rows, walked as wide rows, with rows left over in a thread's part
+#: ((16411, 6), (3001, 40), (4001, 17) whose wide rows end in part of a group, and (9000, 2,
+#: 4) spread to rows of 8 columns); and eval of few rows of many columns split by columns
+#: ((16, 4100), and (8, 1024, 8) spread).
 LARGE_LAYOUTS = (
+    ((4, 32, 14, 14), 1),
+    ((64, 512), 1),
+    ((8, 60, 9, 9), -1),
     ((32, 64, 8, 8), 1),
     ((600, 64, 3), 1),
     ((64, 128, 20), 1),
