@@ -52,7 +52,7 @@ enum { FBN_OK = 0, FBN_NO_MEMORY = 1 };
 FBN_DECLARE_KERNELS(float, f32)
 FBN_DECLARE_KERNELS(double, f64)
 
-/* Below this many elements a kernel runs on the calling thread: an OpenMP region costs
+/* Below these many elements a kernel runs on the calling thread: an OpenMP region costs
    microseconds, more than it saves on a small job. Where two threads start to gain depends
    on the kernel (2 cores, float32, one and two threads alternated call by call, rows of 64,
    256 and 1024 columns and runs of 49 and 196 values): eval, one pass, took 0.70-0.75x the
