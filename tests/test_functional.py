@@ -862,15 +862,19 @@ def test_where_an_array_starts_in_its_cache_line_changes_nothing(case, rng):
 
 
 @pytest.mark.parametrize(
-    "case", cases((((256, 256), 1), ((4096, 8), 1), ((512, 96), 1)), orders=("C",))
+    "case",
+    cases(
+        (((256, 256), 1), ((4096, 8), 1), ((512, 96), 1), ((4, 24, 70), 1), ((3, 10, 8, 10), 1)),
+        orders=("C",),
+    ),
 )
 def test_where_out_starts_after_x_changes_nothing(case, rng):
-    """Where out starts 48 to 191 bytes after x modulo 4096, the normalize pass walks whole
-    rows backward (walked forward, the loads of x would wait on the stores to out with the
-    same low address bits), and so does the backward's grad_x pass over rows, where grad_x
-    starts so after x or grad_out: y and grad_x are bit for bit those of a new array at
-    every distance, for x (and grad_out) on a cache line and past one, in training and in
-    eval."""
+    """Where out starts 48 to 191 bytes after x modulo 4096, the normalize pass walks
+    backward (walked forward, the loads of x would wait on the stores to out with the same
+    low address bits): whole rows as one run, or runs along H*W each from its end, the
+    channels from the last. So does the backward's grad_x pass, where grad_x starts so after
+    x or grad_out. y and grad_x are bit for bit those of a new array at every distance, for
+    x (and grad_out) on a cache line and past one, in training and in eval."""
     x = case.array(rng)
     grad_out = rng.standard_normal(case.shape).astype(case.dtype)
     weight, bias = case.per_channel(rng), case.per_channel(rng)
