@@ -20,7 +20,6 @@
 #define FBN_VEC_MASK_STORE _mm512_mask_storeu_ps
 #define FBN_VEC_STORE _mm512_storeu_ps
 #define FBN_VEC_STREAM _mm512_stream_ps
-#define FBN_VEC_AFFINE(x, c, s, b) _mm512_fmadd_ps(_mm512_sub_ps(x, c), s, b)
 #endif
 
 #include "kernels/loops.inc"

@@ -20,7 +20,6 @@
 #define FBN_VEC_MASK_STORE _mm512_mask_storeu_pd
 #define FBN_VEC_STORE _mm512_storeu_pd
 #define FBN_VEC_STREAM _mm512_stream_pd
-#define FBN_VEC_AFFINE(x, c, s, b) _mm512_fmadd_pd(_mm512_sub_pd(x, c), s, b)
 /* The backward's sums join each vector of grad_out from the two whole lines it straddles
    where grad_out's rows start at another offset within a line than x's (avx512.inc:
    group_grad_sums_joined). Not for float, whose sums convert every value to double, which
