@@ -701,9 +701,12 @@ def _contiguous_runs(outer, channels, inner, channel, begin, end):
     arithmetic on shapes too large to allocate."""
     cdef fbn_shape shape
     shape.outer, shape.channels, shape.inner = outer, channels, inner
-    cdef int64_t m = begin, at, n
+    cdef fbn_tile tile
+    tile.c0, tile.c1, tile.m0, tile.m1 = channel, channel + 1, begin, end
+    cdef fbn_spans spans = fbn_spans_of(shape, tile)
+    cdef int64_t at, n
     runs = []
-    while fbn_next_span(shape, &m, end, &at, &n):
+    while fbn_next_span(shape, &spans, &at, &n):
         runs.append((at + channel * inner, n))  # as the tile loops address channel c
     return runs
 

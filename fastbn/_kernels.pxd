@@ -50,6 +50,10 @@ cdef extern from "common.h" nogil:
     ctypedef struct fbn_tile:
         int64_t c0, c1, m0, m1
 
-    int fbn_next_span(fbn_shape shape, int64_t *m, int64_t m1, int64_t *at, int64_t *n)
+    ctypedef struct fbn_spans:
+        pass
+
+    fbn_spans fbn_spans_of(fbn_shape shape, fbn_tile tile)
+    int fbn_next_span(fbn_shape shape, fbn_spans *spans, int64_t *at, int64_t *n)
     void fbn_split(int64_t n, int part, int nparts, int64_t *begin, int64_t *end)
     int fbn_stream_output(int64_t bytes)

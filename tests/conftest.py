@@ -97,7 +97,8 @@ SMALL_LAYOUTS = (
 #: channel); narrow rows, walked as wide rows, with rows left over in a thread's part
 #: ((16411, 6), (3001, 40), (4001, 17) whose wide rows end in part of a group, and (9000, 2,
 #: 4) spread to rows of 8 columns); and eval of few rows of many columns split by columns
-#: ((16, 4100), and (8, 1024, 8) spread).
+#: ((16, 4100), and (8, 1024, 8) spread); and one or two outer indices of many channels,
+#: whose grad_x pass goes a whole outer index at a time ((1, 512, 196), (2, 1024, 49)).
 LARGE_LAYOUTS = (
     ((4, 32, 14, 14), 1),
     ((64, 512), 1),
@@ -108,6 +109,8 @@ LARGE_LAYOUTS = (
     ((32, 128, 25), 1),
     ((100, 40, 7, 7), 1),
     ((160, 64, 7, 7), 1),
+    ((1, 512, 196), 1),
+    ((2, 1024, 49), 1),
     ((2, 3, 40000), 1),
     ((3, 2, 30001), 1),
     ((4096, 256), 1),
