@@ -28,17 +28,15 @@
 #endif
 
 /*
- * `#pragma omp simd`: vectorize this loop (with a sum reduction for FBN_SIMD_SUM). GCC and
- * Clang honour it without OpenMP threads (-fopenmp-simd); MSVC's /openmp is OpenMP 2.0,
- * which has no simd, so there the loops are left to the auto-vectorizer.
+ * `#pragma omp simd`: vectorize this loop. GCC and Clang honour it without OpenMP threads
+ * (-fopenmp-simd); MSVC's /openmp is OpenMP 2.0, which has no simd, so there the loops are
+ * left to the auto-vectorizer.
  */
 #if defined(__GNUC__) || defined(__clang__)
 #define FBN_PRAGMA(text) _Pragma(#text)
 #define FBN_SIMD FBN_PRAGMA(omp simd)
-#define FBN_SIMD_SUM(...) FBN_PRAGMA(omp simd reduction(+ : __VA_ARGS__))
 #else
 #define FBN_SIMD
-#define FBN_SIMD_SUM(...)
 #endif
 
 /* Contiguous elements processed per two-pass moments chunk: a chunk stays in L1. */

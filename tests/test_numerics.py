@@ -10,7 +10,9 @@ A float64 counterpart checks the variance of float64 data against its condition 
 
 Layouts: (N, C) with axis=1 (inner == 1, rows of channels) and (N, C, L) with large L
 (inner > 1, runs), each in a shape the kernels split by channel and one they split by
-position (with partial moments merged across threads), all >= 64K values.
+position (with partial moments merged across threads), and (N, C, L) with runs shorter
+than the kernels' chunks (several runs per chunk, many chunks per channel), all >= 64K
+values.
 """
 
 import numpy as np
@@ -26,6 +28,7 @@ LAYOUTS = {
     "(N,C)-by-channel": (4096, 64),
     "(N,C,L)-by-channel": (8, 4, 8192),
     "(N,C,L)-by-position": (4, 2, 65537),
+    "(N,C,L)-short-runs": (64, 4, 1000),
 }
 #: Largest relative error of the variance: about 8 ulps of float32 (eps = 1.19e-7).
 VARIANCE_RELATIVE_ERROR = 1e-6
