@@ -240,12 +240,16 @@ fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int64_t segment_
  * statistics are gathered per column and folded per channel, and per-channel constants are
  * spread over their columns. The price is a constant per column, read with every value: it
  * pays where rows are many. fbn_spread gives the columns per channel, inner or 1 (no
- * spreading), for values of `value_bytes`. Measured (2 cores, AVX-512): reductions gain
- * 2-70x up to inner = 16, and up to 64 with 64 rows or more; on runs shorter than four
- * vectors (256 bytes), from 32 rows on (training forward of float32 (32, 1024, 40) 0.6x the
- * time, (32, 512, 49) 0.84x, float64 (32, 256, 20) 0.45x; backward 0.5-1.0x; with 16 rows
- * float64 (16, 256, 28) took 1.1x in training forward and 1.27x in backward). Eval, a
- * single pass with less overhead per run, gains on runs of one vector (64 bytes) with 8
+ * spreading), for values of `value_bytes` in `pass`. Measured (2 cores, AVX-512): the
+ * reductions gain 2-70x up to inner = 16; on runs shorter than four vectors (256 bytes),
+ * from 32 rows on (training forward of float32 (32, 1024, 40) 0.6x the time, (32, 512, 49)
+ * 0.84x, float64 (32, 256, 20) 0.45x; backward 0.5-1.0x; with 16 rows float64
+ * (16, 256, 28) took 1.1x in training forward and 1.27x in backward). The training
+ * forward also gains on runs up to 64 values with 64 rows or more; the backward, whose
+ * runs cost less since each walk over them is one dispatched function, mostly loses there
+ * (paired runs, 2 threads, against not spreading: float32 (128, 64, 64) 1.3x the time,
+ * (512, 9, 64) 1.6x, float64 (64, 95, 49) 1.27x, but float64 (512, 14, 40) 0.74x). Eval,
+ * a single pass with less overhead per run, gains on runs of one vector (64 bytes) with 8
  * rows or more (float32 (64, 256, 9) and (16, 2048, 12) took 0.4-0.5x the time spread, (8,
  * 4096, 8) 0.45x; (4, 4096, 8) 1.2x), and on runs shorter than two with 64 rows or more
  * (float32 (64, 256, 28) 0.72x, float64 (64, 256, 10) 0.69x; float32 (32, 1024, 28)
@@ -254,15 +258,25 @@ fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int64_t segment_
  */
 #define FBN_SPREAD_MAX_COLUMNS (64 * 1024)
 
-static inline int64_t fbn_spread(fbn_shape shape, int reduces, size_t value_bytes)
+typedef enum { FBN_PASS_EVAL, FBN_PASS_TRAINING_FORWARD, FBN_PASS_BACKWARD } fbn_pass;
+
+static inline int64_t fbn_spread(fbn_shape shape, fbn_pass pass, size_t value_bytes)
 {
     if (shape.inner <= 1 || shape.channels > FBN_SPREAD_MAX_COLUMNS / shape.inner)
         return 1;
     const int64_t run_bytes = shape.inner * (int64_t)value_bytes;
-    const int spreads = reduces ? shape.inner <= 16 || (shape.inner <= 64 && shape.outer >= 64) ||
-                                      (run_bytes < 256 && shape.outer >= 32)
-                                : (run_bytes <= 64 && shape.outer >= 8) ||
-                                      (run_bytes < 128 && shape.outer >= 64);
+    const int reductions = shape.inner <= 16 || (run_bytes < 256 && shape.outer >= 32);
+    int spreads;
+    switch (pass) {
+    case FBN_PASS_EVAL:
+        spreads = (run_bytes <= 64 && shape.outer >= 8) || (run_bytes < 128 && shape.outer >= 64);
+        break;
+    case FBN_PASS_TRAINING_FORWARD:
+        spreads = reductions || (shape.inner <= 64 && shape.outer >= 64);
+        break;
+    default:
+        spreads = reductions;
+    }
     return spreads ? shape.inner : 1;
 }
 

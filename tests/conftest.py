@@ -92,7 +92,8 @@ SMALL_LAYOUTS = (
 #: channel, inner > 1 by position (C < threads, and splits inside a run), inner == 1 ((N, C)
 #: and channels-last) by channel, by position, and with more channels than one column block;
 #: and short runs seen as rows of C * inner columns ("spread": inner 3 everywhere, inner 20
-#: everywhere but in float64 eval, inner 25 and 49 in the reductions but not in eval; by
+#: everywhere but in float64 eval, inner 25 and 49 in the reductions but not in eval (49 in
+#: float64 in the training forward only, and (32, 64, 8, 8)'s 64 in neither); by
 #: position, and, in the training forward of (160, 64, 7, 7), too large for the L2 caches, by
 #: channel); narrow rows, walked as wide rows, with rows left over in a thread's part
 #: ((16411, 6), (3001, 40), (4001, 17) whose wide rows end in part of a group, and (9000, 2,
