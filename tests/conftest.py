@@ -89,7 +89,8 @@ SMALL_LAYOUTS = (
 #: Layouts the kernels run on several threads (when there are several): from 16K values the
 #: backward, from 32K eval, from 64K the training forward (csrc/fastbn.h), so the first three
 #: only some of them; covering both loop families and both ways of splitting work: inner > 1 by
-#: channel, inner > 1 by position (C < threads, and splits inside a run), inner == 1 ((N, C)
+#: channel, inner > 1 by position (C < threads, and splits inside a run, one longer and one
+#: shorter than the moments' chunks), inner == 1 ((N, C)
 #: and channels-last) by channel, by position, and with more channels than one column block;
 #: and short runs seen as rows of C * inner columns ("spread": inner 3 everywhere, inner 20
 #: everywhere but in float64 eval, inner 25 and 49 in the reductions but not in eval (49 in
@@ -114,6 +115,7 @@ LARGE_LAYOUTS = (
     ((2, 1024, 49), 1),
     ((2, 3, 40000), 1),
     ((3, 2, 30001), 1),
+    ((65, 2, 4000), 1),
     ((4096, 256), 1),
     ((40000, 3), 1),
     ((16411, 6), 1),
