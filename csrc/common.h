@@ -185,9 +185,7 @@ typedef struct {
  * The spans of a tile's positions [m0, m1) in memory order, one outer index at a time:
  * fbn_next_span sets the offset of channel 0's values at that outer index (*at; channel c's
  * run of *n contiguous values starts at *at + c * inner) and the run length *n, and returns
- * 0 when no span is left. One division where the walk starts, none per span: on short runs
- * the two per run of the backward's sums (its span and the next, to ask for) were a tenth
- * of that pass ((2, 1024, 48) float32).
+ * 0 when no span is left. One division where the walk starts, none per span.
  */
 typedef struct {
     int64_t m, m1; /* the next span's first position, the end */
