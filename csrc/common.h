@@ -296,6 +296,24 @@ static inline void fbn_split(int64_t n, int part, int nparts, int64_t *begin, in
     *end = *begin + base + (part < extra);
 }
 
+/* fbn_split of n values of `value_bytes` each stored from `data`, each cut moved back to the
+   start of the cache line it falls in, so that no two parts write to one line. */
+static inline void fbn_split_lines(int64_t n, int part, int nparts, const void *data,
+                                   size_t value_bytes, int64_t *begin, int64_t *end)
+{
+    const int64_t per_line = 64 / (int64_t)value_bytes;
+    const int64_t first_line = (int64_t)((64 - (uintptr_t)data % 64) % 64) / (int64_t)value_bytes;
+    int64_t *cuts[2] = {begin, end};
+    fbn_split(n, part, nparts, begin, end);
+    for (int k = 0; k < 2; ++k) {
+        const int64_t cut = *cuts[k];
+        if (cut > 0 && cut < n) {
+            const int64_t back = ((cut - first_line) % per_line + per_line) % per_line;
+            *cuts[k] = cut - back > 0 ? cut - back : 0;
+        }
+    }
+}
+
 /* The tile a by_channel part owns: tile index t of the plan. */
 static inline fbn_tile fbn_channel_tile(fbn_shape shape, const fbn_plan *plan, int64_t t)
 {
