@@ -212,6 +212,10 @@ static inline int fbn_next_span(fbn_shape shape, fbn_spans *spans, int64_t *at, 
     return 1;
 }
 
+/* What a kernel does over the array: eval, one pass; the training forward (or moments
+   alone), statistics then y; the backward. */
+typedef enum { FBN_PASS_EVAL, FBN_PASS_TRAINING_FORWARD, FBN_PASS_BACKWARD } fbn_pass;
+
 /*
  * How a kernel spreads over threads. by_channel: each part owns whole channels, in tiles
  * small enough that a second pass over a tile reads cache, so the tile is finished in one
@@ -228,8 +232,7 @@ typedef struct {
 } fbn_plan;
 
 fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int64_t segment_columns,
-                       int64_t tile_multiple, int parallel_only_by_position,
-                       int64_t parallel_min_elements);
+                       int64_t tile_multiple, fbn_pass pass);
 
 /*
  * Spreading: where a channel's runs are short (inner > 1 but small), per-run loops spend
@@ -255,8 +258,6 @@ fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int64_t segment_
  * (64, 512, 24) 1.4x).
  */
 #define FBN_SPREAD_MAX_COLUMNS (64 * 1024)
-
-typedef enum { FBN_PASS_EVAL, FBN_PASS_TRAINING_FORWARD, FBN_PASS_BACKWARD } fbn_pass;
 
 static inline int64_t fbn_spread(fbn_shape shape, fbn_pass pass, size_t value_bytes)
 {
@@ -339,9 +340,11 @@ static inline int64_t fbn_tile_count(fbn_shape shape, const fbn_plan *plan)
 void *fbn_scratch_take(size_t bytes);
 void fbn_scratch_give(void *scratch);
 
-/* Threads available to a kernel over `elements` values: 1 below `min_elements` (fastbn.h:
-   FBN_*PARALLEL_MIN_ELEMENTS) and in a child process forked after OpenMP was used. */
-int fbn_threads_for(int64_t elements, int64_t min_elements);
+/* Threads available to a kernel doing `pass` over `elements` values: 1 below its threshold
+   (fastbn.h: FBN_*PARALLEL_MIN_ELEMENTS), while another call's threads run, and in a child
+   process forked after OpenMP was used. Moments alone count as the training forward, a
+   copy as eval. */
+int fbn_threads_for(int64_t elements, fbn_pass pass);
 
 /* Calls body(context, part, nparts) for every part, on nparts threads when nparts > 1. */
 typedef void (*fbn_part_body)(void *context, int part, int nparts);

@@ -63,6 +63,13 @@ FBN_DECLARE_KERNELS(double, f64)
 #define FBN_PARALLEL_MIN_ELEMENTS (64 * 1024)          /* training forward, moments */
 #define FBN_ONE_PASS_PARALLEL_MIN_ELEMENTS (32 * 1024) /* eval forward, fbn_copy */
 #define FBN_BACKWARD_PARALLEL_MIN_ELEMENTS (16 * 1024)
+/* While more than one thread calls kernels this large (runtime.c), threads pay from far
+   larger jobs: called from a pool of Python threads after the main thread had used threads,
+   float32 NCHW, two threads against one: eval 1.04-1.05x the time at 3.2M values, 0.67-0.74x
+   at 6.4M; the training forward 0.98-1.09x at 200-400K and 0.76x at 800K, the backward
+   1.06-1.11x and 0.76x. */
+#define FBN_SHARED_PARALLEL_MIN_ELEMENTS (1024 * 1024)               /* training, backward */
+#define FBN_SHARED_ONE_PASS_PARALLEL_MIN_ELEMENTS (4 * 1024 * 1024)  /* eval forward, copy */
 
 /* Threads (threads.c). set_num_threads(0) returns to the OpenMP default. */
 int fbn_openmp_enabled(void);

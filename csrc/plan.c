@@ -6,17 +6,16 @@
  * passes (x for the forward pass; x and grad_out for the backward pass). segment_columns:
  * when inner == 1, the fewest columns a tile may have (below). tile_multiple: tiles are
  * whole multiples of this many channels of shape (the columns of one channel of a spread
- * view, common.h). parallel_min_elements: the kernel's threshold for threads (fastbn.h).
+ * view, common.h). Eval, a single pass, goes by position (kernels/forward.inc).
  */
 fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int64_t segment_columns,
-                       int64_t tile_multiple, int parallel_only_by_position,
-                       int64_t parallel_min_elements)
+                       int64_t tile_multiple, fbn_pass pass)
 {
     const int64_t C = shape.channels, M = shape.outer * shape.inner;
-    fbn_plan plan = {fbn_threads_for(C * M, parallel_min_elements), 0, 0, 0};
+    fbn_plan plan = {fbn_threads_for(C * M, pass), 0, 0, 0};
     /* Narrow rows are walked as wide rows, whose per-column arrays must be wrapped, as they
        are by position (kernels/tiles.inc: view_rows). */
-    if (parallel_only_by_position || C * M == 0 || (shape.inner == 1 && fbn_wide_columns(C)))
+    if (pass == FBN_PASS_EVAL || C * M == 0 || (shape.inner == 1 && fbn_wide_columns(C)))
         return plan;
     /* A spread view that fits the cores' L2 caches together is read from cache by the second
        pass anyway, and its tiles of whole channels would be narrow and uneven: (600, 64, 3)

@@ -16,7 +16,7 @@
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
 #include <unistd.h>
-#define FBN_HAVE_ATFORK 1
+#define FBN_HAVE_PTHREADS 1
 #endif
 
 #include <stdlib.h>
@@ -34,6 +34,8 @@ typedef volatile int fbn_shared_int;
 static fbn_shared_int requested_threads = 0;
 /* Set in a child forked after this process ran a parallel region. */
 static fbn_shared_int in_forked_child = 0;
+/* Kernel passes running now, in any thread (fbn_run_parts). */
+static fbn_shared_int running_passes = 0;
 
 int fbn_openmp_enabled(void)
 {
@@ -61,9 +63,83 @@ int fbn_get_num_threads(void)
 #endif
 }
 
-int fbn_threads_for(int64_t elements, int64_t min_elements)
+/*
+ * Threads calling kernels large enough for threads. libgomp keeps a pool of threads for
+ * every thread that starts a parallel region, as long as that thread lives; with more
+ * pooled threads than cores they sleep, instead of spinning, between regions and at their
+ * barriers, and waking them costs tens of microseconds per region; and a team's threads
+ * spin after each region, on a core another caller wants. So while more than one thread
+ * calls, as in a service answering from a pool of threads, kernels take threads only for
+ * large jobs (fastbn.h: FBN_SHARED_*). A thread counts from its first such call until it
+ * ends. Needs pthreads and C11 atomics; without them every thread counts as the only one.
+ */
+#if defined(_OPENMP) && defined(FBN_HAVE_PTHREADS) && defined(FBN_HAVE_ATOMICS)
+static fbn_shared_int calling_threads = 0;
+static pthread_key_t caller_key; /* set (non-NULL) in a thread counted there */
+static int caller_key_made = 0;
+static pthread_once_t caller_key_once = PTHREAD_ONCE_INIT;
+
+static void forget_caller(void *counted)
 {
-    if (elements < min_elements)
+    (void)counted;
+    atomic_fetch_sub(&calling_threads, 1);
+}
+
+static void make_caller_key(void)
+{
+    caller_key_made = pthread_key_create(&caller_key, forget_caller) == 0;
+}
+
+/* Counts the calling thread (once) and says whether other threads are counted too. */
+static int callers_shared(void)
+{
+    pthread_once(&caller_key_once, make_caller_key);
+    if (!caller_key_made)
+        return 0;
+    if (pthread_getspecific(caller_key) == NULL &&
+        pthread_setspecific(caller_key, &caller_key) == 0)
+        atomic_fetch_add(&calling_threads, 1);
+    return atomic_load(&calling_threads) > 1;
+}
+#else
+static int callers_shared(void) { return 0; }
+#endif
+
+static void count_running(int change)
+{
+#ifdef FBN_HAVE_ATOMICS
+    atomic_fetch_add(&running_passes, change);
+#else
+    (void)change;
+#endif
+}
+
+/* Whether another call's kernel is running: then a call takes its calling thread alone, as
+   concurrent callers keep the cores busy already. Eval of (1, 64, 56, 56) float32 from 2
+   Python threads at once: 45K calls/s with 2 threads per call, 49-60K refusing threads
+   only while another call's threads ran, 86K with one thread per call. */
+static int other_call_running(void)
+{
+#ifdef FBN_HAVE_ATOMICS
+    return atomic_load(&running_passes) > 0;
+#else
+    return 0;
+#endif
+}
+
+int fbn_threads_for(int64_t elements, fbn_pass pass)
+{
+    static const int64_t alone[] = {[FBN_PASS_EVAL] = FBN_ONE_PASS_PARALLEL_MIN_ELEMENTS,
+                                    [FBN_PASS_TRAINING_FORWARD] = FBN_PARALLEL_MIN_ELEMENTS,
+                                    [FBN_PASS_BACKWARD] = FBN_BACKWARD_PARALLEL_MIN_ELEMENTS};
+    static const int64_t shared[] = {
+        [FBN_PASS_EVAL] = FBN_SHARED_ONE_PASS_PARALLEL_MIN_ELEMENTS,
+        [FBN_PASS_TRAINING_FORWARD] = FBN_SHARED_PARALLEL_MIN_ELEMENTS,
+        [FBN_PASS_BACKWARD] = FBN_SHARED_PARALLEL_MIN_ELEMENTS};
+    if (elements < alone[pass])
+        return 1;
+    const int64_t min_elements = callers_shared() ? shared[pass] : alone[pass];
+    if (elements < min_elements || other_call_running())
         return 1;
     int threads = fbn_get_num_threads();
     /* Every thread gets at least half the serial threshold, or it costs more than it saves. */
@@ -71,7 +147,7 @@ int fbn_threads_for(int64_t elements, int64_t min_elements)
     return useful < threads ? (int)useful : threads;
 }
 
-#ifdef FBN_HAVE_ATFORK
+#ifdef FBN_HAVE_PTHREADS
 static void mark_forked_child(void) { in_forked_child = 1; }
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 static void register_atfork(void) { pthread_atfork(NULL, NULL, mark_forked_child); }
@@ -79,26 +155,27 @@ static void register_atfork(void) { pthread_atfork(NULL, NULL, mark_forked_child
 
 void fbn_run_parts(fbn_part_body body, void *context, int nparts)
 {
-    if (nparts <= 1) {
-        body(context, 0, 1);
-        return;
-    }
+    count_running(1);
 #ifdef _OPENMP
-#ifdef FBN_HAVE_ATFORK
-    pthread_once(&atfork_once, register_atfork);
+    if (nparts > 1) {
+#ifdef FBN_HAVE_PTHREADS
+        pthread_once(&atfork_once, register_atfork);
 #endif
 #pragma omp parallel num_threads(nparts)
-    {
-        /* OpenMP may give fewer threads than asked (nested regions, thread limits):
-           the threads it gives then share out every part. */
-        int team = omp_get_num_threads();
-        for (int part = omp_get_thread_num(); part < nparts; part += team)
-            body(context, part, nparts);
+        {
+            /* OpenMP may give fewer threads than asked (nested regions, thread limits):
+               the threads it gives then share out every part. */
+            int team = omp_get_num_threads();
+            for (int part = omp_get_thread_num(); part < nparts; part += team)
+                body(context, part, nparts);
+        }
+        count_running(-1);
+        return;
     }
-#else
+#endif
     for (int part = 0; part < nparts; ++part)
         body(context, part, nparts);
-#endif
+    count_running(-1);
 }
 
 /*
@@ -124,7 +201,7 @@ void fbn_copy(void *dst, const void *src, int64_t elements, int64_t itemsize)
 {
     copy_job job = {dst, src, elements * itemsize};
     /* split as eval, a pass of one read and one write, splits its work */
-    fbn_run_parts(copy_part, &job, fbn_threads_for(elements, FBN_ONE_PASS_PARALLEL_MIN_ELEMENTS));
+    fbn_run_parts(copy_part, &job, fbn_threads_for(elements, FBN_PASS_EVAL));
 }
 
 /*

@@ -721,6 +721,26 @@ def _split(n, nparts):
     return slices
 
 
+#: Below these many values a kernel doing each pass runs on the calling thread: (alone,
+#: shared), shared where another thread keeps a pool of OpenMP threads (csrc/fastbn.h).
+_PARALLEL_MIN_ELEMENTS = {
+    "eval": (FBN_ONE_PASS_PARALLEL_MIN_ELEMENTS, FBN_SHARED_ONE_PASS_PARALLEL_MIN_ELEMENTS),
+    "training": (FBN_PARALLEL_MIN_ELEMENTS, FBN_SHARED_PARALLEL_MIN_ELEMENTS),
+    "backward": (FBN_BACKWARD_PARALLEL_MIN_ELEMENTS, FBN_SHARED_PARALLEL_MIN_ELEMENTS),
+}
+_PASSES = {
+    "eval": FBN_PASS_EVAL,
+    "training": FBN_PASS_TRAINING_FORWARD,
+    "backward": FBN_PASS_BACKWARD,
+}
+
+
+def _threads_for(elements, kernel_pass):
+    """The threads a kernel doing ``kernel_pass`` (a key of _PARALLEL_MIN_ELEMENTS) over
+    ``elements`` values would take if called from this thread now."""
+    return fbn_threads_for(elements, _PASSES[kernel_pass])
+
+
 def _streams_output(nbytes):
     """Whether the forward kernels write an output of ``nbytes`` with streaming stores."""
     return bool(fbn_stream_output(nbytes))

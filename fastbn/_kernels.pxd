@@ -10,7 +10,11 @@ cdef extern from "fastbn.h" nogil:
     enum:
         FBN_OK
         FBN_NO_MEMORY
+        FBN_PARALLEL_MIN_ELEMENTS
         FBN_ONE_PASS_PARALLEL_MIN_ELEMENTS
+        FBN_BACKWARD_PARALLEL_MIN_ELEMENTS
+        FBN_SHARED_PARALLEL_MIN_ELEMENTS
+        FBN_SHARED_ONE_PASS_PARALLEL_MIN_ELEMENTS
 
     int fbn_moments_f32(const float *x, fbn_shape shape, double *mean, double *m2)
     int fbn_moments_f64(const double *x, fbn_shape shape, double *mean, double *m2)
@@ -57,3 +61,10 @@ cdef extern from "common.h" nogil:
     int fbn_next_span(fbn_shape shape, fbn_spans *spans, int64_t *at, int64_t *n)
     void fbn_split(int64_t n, int part, int nparts, int64_t *begin, int64_t *end)
     int fbn_stream_output(int64_t bytes)
+
+    ctypedef enum fbn_pass:
+        FBN_PASS_EVAL
+        FBN_PASS_TRAINING_FORWARD
+        FBN_PASS_BACKWARD
+
+    int fbn_threads_for(int64_t elements, fbn_pass kernel_pass)

@@ -49,13 +49,16 @@ def test_kernels_release_the_gil():
     assert overlaps > 0, "no two kernel calls overlapped: the GIL is held while kernels run"
 
 
-#: Small (serial kernels) and >= 64K values (threaded: by channel, by position, inner == 1).
+#: Small (serial kernels), >= 64K values (threaded: by channel, by position, inner == 1;
+#: from a second Python thread, serial: test_threads) and 4M (threaded from any thread, but
+#: while another call's threads run).
 MIXED_CASES = (
     Case(np.float32, (5, 3), 1, "C"),
     Case(np.float64, (32, 64, 8, 8), 1, "C"),
     Case(np.float32, (40000, 3), 1, "C"),
     Case(np.float64, (3, 2, 30001), 1, "C"),
     Case(np.float32, (8, 16, 16, 32), -1, "C"),
+    Case(np.float32, (64, 64, 32, 32), 1, "C"),
 )
 
 
@@ -108,7 +111,8 @@ def test_concurrent_calls_with_changing_thread_counts_match_serial_calls(rng):
 
 def test_shared_layer_serves_large_eval_calls_from_many_threads(rng):
     """Eval calls on one layer from several threads at once, on batches large enough for
-    threaded kernels and on single examples: each result is the serial one, bit for bit."""
+    threaded kernels on a thread alone and on single examples: each result is the serial
+    one, bit for bit."""
     bn = fastbn.BatchNorm(64)
     for _ in range(3):
         bn((rng.standard_normal((16, 64, 8, 8)) * 2 + 1).astype(np.float32))

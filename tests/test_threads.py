@@ -1,7 +1,7 @@
 """Threads: results do not depend on the thread count; the thread setting API.
 
-Inputs of >= 64K values run on several threads, split by channel or by position depending
-on the layout (conftest.LARGE_LAYOUTS). Results with 2 and 3 threads are compared with the
+Inputs of 16K values and more (by kernel: csrc/fastbn.h) run on several threads, split by
+channel or by position depending on the layout (conftest.LARGE_LAYOUTS). Results with 2 and 3 threads are compared with the
 single-thread result. Only the order of float64 additions may differ between them, so
 elementwise outputs must agree to THREAD_FACTOR ulps of the largest value, and per-channel
 statistics and sums to THREAD_FACTOR times the rounding of their sums (conftest.accumulation
@@ -12,12 +12,15 @@ Every test restores the thread setting (conftest.restore_threads).
 
 import multiprocessing
 import queue as queues
+import threading
+import time
 import warnings
 
 import numpy as np
 import pytest
 
 import fastbn
+from fastbn import _core
 from conftest import LARGE_LAYOUTS, accumulation, assert_close, cases, grad_x_terms
 
 pytestmark = pytest.mark.usefixtures("restore_threads")
@@ -117,6 +120,9 @@ def _check_thread_counts(case, rng, thread_counts):
     scales = _scales(case, x, weight, grad_out, single)
     for threads in thread_counts:
         fastbn.set_num_threads(threads)
+        if fastbn.openmp_enabled():  # with threads, not one thread twice
+            takes = [_core._threads_for(x.size, name) for name in _core._PARALLEL_MIN_ELEMENTS]
+            assert max(takes) > 1, "no kernel takes threads: another Python thread calls?"
         several = _run_all(case, *inputs, statistics=(single["mean"], single["invstd"]))
         for name, value in several.items():
             assert_close(
@@ -195,6 +201,109 @@ def test_threadpoolctl_limits_the_default():
     fastbn.set_num_threads(None)
     with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
         assert fastbn.get_num_threads() == 1
+
+
+# ------------------------------------------------- the threads of other Python threads
+
+
+def _in_new_thread(function):
+    """function() called in a new Python thread, which then ends; returns its result."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(function()))
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def _eventually(condition, seconds=5.0):
+    """Whether condition() holds within ``seconds``: a Python thread's join() returns before
+    the C library has run its thread-exit destructors."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+@pytest.fixture
+def two_threads():
+    if not fastbn.openmp_enabled():
+        pytest.skip("built without OpenMP")
+    fastbn.set_num_threads(2)
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_a_second_python_thread_takes_threads_only_for_large_jobs():
+    """While more than one thread calls kernels large enough for threads, each takes threads
+    only from the shared thresholds on: libgomp keeps a pool of threads for every thread
+    that starts a parallel region, and with more pooled threads than cores they sleep
+    between regions, where waking them costs more than a small job saves."""
+    fastbn.batch_norm_train(np.ones((4, 64, 32, 32), np.float32))  # a call with threads
+    assert _eventually(lambda: _core._threads_for(1 << 16, "training") == 2)
+    for kernel_pass, (alone, shared) in _core._PARALLEL_MIN_ELEMENTS.items():
+        assert _core._threads_for(alone - 1, kernel_pass) == 1
+        assert _core._threads_for(alone, kernel_pass) == 2
+        in_other_thread = _in_new_thread(
+            lambda: [_core._threads_for(n, kernel_pass) for n in (alone, shared - 1, shared)]
+        )
+        assert in_other_thread == [1, 1, 2], kernel_pass
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_small_jobs_get_threads_back_when_the_other_caller_is_gone():
+    """While a second thread that called a large job lives, this thread's small jobs run
+    on the calling thread; once it ends, they get threads again. Results are the same
+    either way."""
+    alone, shared = _core._PARALLEL_MIN_ELEMENTS["training"]
+    x = np.random.default_rng(0).standard_normal((shared // 1024, 1024)).astype(np.float32)
+    small = x[: alone // 1024]
+    fastbn.batch_norm_train(small)
+    assert _eventually(lambda: _core._threads_for(small.size, "training") == 2)
+    ran, release = threading.Event(), threading.Event()
+
+    def large_job_then_wait():
+        fastbn.batch_norm_train(x)
+        ran.set()
+        release.wait()
+
+    other = threading.Thread(target=large_job_then_wait)
+    other.start()
+    try:
+        assert ran.wait(timeout=60)
+        assert _core._threads_for(small.size, "training") == 1
+        while_shared = fastbn.batch_norm_train(small)
+    finally:
+        release.set()
+        other.join()
+    assert _eventually(lambda: _core._threads_for(small.size, "training") == 2)
+    for got, want in zip(while_shared, fastbn.batch_norm_train(small), strict=True):
+        assert_close(got, want, factor=THREAD_FACTOR, what="serial while shared vs threaded")
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_a_call_while_another_calls_threads_run_takes_one_thread():
+    """Concurrent callers keep the cores busy already: while a kernel's threads run, a call
+    from another thread takes its calling thread alone instead of a team of its own."""
+    _, shared = _core._PARALLEL_MIN_ELEMENTS["backward"]
+    x = np.random.default_rng(0).standard_normal((shared // 256, 256)).astype(np.float32)
+    _, mean, invstd = fastbn.batch_norm_train(x)
+    assert _eventually(lambda: _core._threads_for(shared, "backward") == 2)
+    done = threading.Event()
+
+    def backward_for_a_while():
+        deadline = time.perf_counter() + 1.0
+        while time.perf_counter() < deadline:
+            fastbn.batch_norm_backward(x, x, mean, invstd)
+        done.set()
+
+    other = threading.Thread(target=backward_for_a_while)
+    other.start()
+    seen = set()
+    while not done.is_set() and 1 not in seen:
+        seen.add(_core._threads_for(shared, "backward"))
+    other.join()
+    assert 1 in seen, "no call saw the other thread's team running"
 
 
 def _every_function(x, grad_out):
