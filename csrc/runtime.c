@@ -34,8 +34,8 @@ typedef volatile int fbn_shared_int;
 static fbn_shared_int requested_threads = 0;
 /* Set in a child forked after this process ran a parallel region. */
 static fbn_shared_int in_forked_child = 0;
-/* Kernel passes running now, in any thread (fbn_run_parts). */
-static fbn_shared_int running_passes = 0;
+/* Parallel regions running now (fbn_run_parts). */
+static fbn_shared_int running_teams = 0;
 
 int fbn_openmp_enabled(void)
 {
@@ -105,23 +105,22 @@ static int callers_shared(void)
 static int callers_shared(void) { return 0; }
 #endif
 
-static void count_running(int change)
+static void count_teams(int change)
 {
 #ifdef FBN_HAVE_ATOMICS
-    atomic_fetch_add(&running_passes, change);
+    atomic_fetch_add(&running_teams, change);
 #else
     (void)change;
 #endif
 }
 
-/* Whether another call's kernel is running: then a call takes its calling thread alone, as
-   concurrent callers keep the cores busy already. Eval of (1, 64, 56, 56) float32 from 2
-   Python threads at once: 45K calls/s with 2 threads per call, 49-60K refusing threads
-   only while another call's threads ran, 86K with one thread per call. */
-static int other_call_running(void)
+/* Whether another call's threads are running: then a call takes its calling thread alone,
+   as those keep the cores busy already (a call on one thread does not count: a small call
+   in another thread would take threads from a large one). */
+static int team_running(void)
 {
 #ifdef FBN_HAVE_ATOMICS
-    return atomic_load(&running_passes) > 0;
+    return atomic_load(&running_teams) > 0;
 #else
     return 0;
 #endif
@@ -139,7 +138,7 @@ int fbn_threads_for(int64_t elements, fbn_pass pass)
     if (elements < alone[pass])
         return 1;
     const int64_t min_elements = callers_shared() ? shared[pass] : alone[pass];
-    if (elements < min_elements || other_call_running())
+    if (elements < min_elements || team_running())
         return 1;
     int threads = fbn_get_num_threads();
     /* Every thread gets at least half the serial threshold, or it costs more than it saves. */
@@ -155,12 +154,12 @@ static void register_atfork(void) { pthread_atfork(NULL, NULL, mark_forked_child
 
 void fbn_run_parts(fbn_part_body body, void *context, int nparts)
 {
-    count_running(1);
 #ifdef _OPENMP
     if (nparts > 1) {
 #ifdef FBN_HAVE_PTHREADS
         pthread_once(&atfork_once, register_atfork);
 #endif
+        count_teams(1);
 #pragma omp parallel num_threads(nparts)
         {
             /* OpenMP may give fewer threads than asked (nested regions, thread limits):
@@ -169,13 +168,12 @@ void fbn_run_parts(fbn_part_body body, void *context, int nparts)
             for (int part = omp_get_thread_num(); part < nparts; part += team)
                 body(context, part, nparts);
         }
-        count_running(-1);
+        count_teams(-1);
         return;
     }
 #endif
     for (int part = 0; part < nparts; ++part)
         body(context, part, nparts);
-    count_running(-1);
 }
 
 /*
