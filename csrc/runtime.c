@@ -85,9 +85,16 @@ static void forget_caller(void *counted)
     atomic_fetch_sub(&calling_threads, 1);
 }
 
+/* A forked child has the forking thread alone. */
+static void recount_callers_in_child(void)
+{
+    calling_threads = pthread_getspecific(caller_key) != NULL;
+}
+
 static void make_caller_key(void)
 {
-    caller_key_made = pthread_key_create(&caller_key, forget_caller) == 0;
+    caller_key_made = pthread_key_create(&caller_key, forget_caller) == 0 &&
+                      pthread_atfork(NULL, NULL, recount_callers_in_child) == 0;
 }
 
 /* Counts the calling thread (once) and says whether other threads are counted too. */

@@ -12,6 +12,8 @@ Every test restores the thread setting (conftest.restore_threads).
 
 import multiprocessing
 import queue as queues
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -304,6 +306,48 @@ def test_a_call_while_another_calls_threads_run_takes_one_thread():
         seen.add(_core._threads_for(shared, "backward"))
     other.join()
     assert 1 in seen, "no call saw the other thread's team running"
+
+
+_FORK_WITH_A_SECOND_CALLER = """
+import os, threading
+import fastbn
+from fastbn import _core
+
+fastbn.set_num_threads(2)
+alone = _core._PARALLEL_MIN_ELEMENTS["training"][0]
+counted, release = threading.Event(), threading.Event()
+
+def second_caller():
+    _core._threads_for(alone, "training")  # counted as a caller, no parallel region
+    counted.set()
+    release.wait()
+
+thread = threading.Thread(target=second_caller)
+thread.start()
+counted.wait()
+parent = _core._threads_for(alone, "training")
+pid = os.fork()
+if pid == 0:
+    os._exit(10 + _core._threads_for(alone, "training"))
+_, status = os.waitpid(pid, 0)
+release.set()
+thread.join()
+print(parent, os.waitstatus_to_exitcode(status) - 10)
+"""
+
+
+@pytest.mark.usefixtures("two_threads")
+def test_a_forked_child_counts_only_its_own_thread_as_a_caller():
+    """A child forked while another thread counted as a caller has the forking thread alone:
+    before any parallel region (after one, a forked child runs serially anyway), its calls
+    take threads as a single caller's do."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    result = subprocess.run(
+        [sys.executable, "-c", _FORK_WITH_A_SECOND_CALLER],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert result.stdout.split() == ["1", "2"]  # the parent's threads, the child's
 
 
 def _every_function(x, grad_out):
