@@ -303,7 +303,8 @@ static inline void fbn_split_lines(int64_t n, int part, int nparts, const void *
                                    size_t value_bytes, int64_t *begin, int64_t *end)
 {
     const int64_t per_line = 64 / (int64_t)value_bytes;
-    const int64_t first_line = (int64_t)((64 - (uintptr_t)data % 64) % 64) / (int64_t)value_bytes;
+    const int64_t first_line =
+        (int64_t)((64 - (uintptr_t)data % 64) % 64) / (int64_t)value_bytes;
     int64_t *cuts[2] = {begin, end};
     fbn_split(n, part, nparts, begin, end);
     for (int k = 0; k < 2; ++k) {
@@ -341,9 +342,9 @@ void *fbn_scratch_take(size_t bytes);
 void fbn_scratch_give(void *scratch);
 
 /* Threads available to a kernel doing `pass` over `elements` values: 1 below its threshold
-   (fastbn.h: FBN_*PARALLEL_MIN_ELEMENTS), while another call's threads run, and in a child
-   process forked after OpenMP was used. Moments alone count as the training forward, a
-   copy as eval. */
+   (fastbn.h: FBN_*PARALLEL_MIN_ELEMENTS, higher while several threads call kernels), while
+   another call's threads run, and in a child process forked after OpenMP was used
+   (runtime.c). Moments alone count as the training forward, a copy as eval. */
 int fbn_threads_for(int64_t elements, fbn_pass pass);
 
 /* Calls body(context, part, nparts) for every part, on nparts threads when nparts > 1. */

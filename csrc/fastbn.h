@@ -71,7 +71,7 @@ FBN_DECLARE_KERNELS(double, f64)
 #define FBN_SHARED_PARALLEL_MIN_ELEMENTS (1024 * 1024)               /* training, backward */
 #define FBN_SHARED_ONE_PASS_PARALLEL_MIN_ELEMENTS (4 * 1024 * 1024)  /* eval forward, copy */
 
-/* Threads (threads.c). set_num_threads(0) returns to the OpenMP default. */
+/* Threads (runtime.c). set_num_threads(0) returns to the OpenMP default. */
 int fbn_openmp_enabled(void);
 int fbn_get_num_threads(void);
 void fbn_set_num_threads(int num_threads);

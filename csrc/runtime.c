@@ -2,10 +2,13 @@
  * Threads, fork safety and what this build and CPU provide.
  *
  * Every OpenMP construct of fastbn is in this file: kernels describe their work as parts
- * and fbn_run_parts runs them. That keeps two rules in one place:
+ * (fbn_threads_for says how many) and fbn_run_parts runs them. That keeps these rules in
+ * one place:
  *  - small jobs never enter a parallel region (it costs microseconds);
- *  - a child forked after the parent used OpenMP never does either: GNU libgomp's thread
- *    pool does not survive fork() and a parallel region in the child hangs.
+ *  - while several threads call kernels, only large jobs do, and none while another call's
+ *    threads run (libgomp gives every calling thread a pool of its own);
+ *  - a child forked after the parent used OpenMP never does: GNU libgomp's thread pool
+ *    does not survive fork() and a parallel region in the child hangs.
  */
 #include "common.h"
 
