@@ -1,8 +1,10 @@
 """The functional API: every argument is checked, then one C kernel runs without the GIL.
 
 Nothing is written before every check has passed: not ``out``, not the running
-statistics. Arrays reach the kernels C-contiguous, aligned and in native byte order;
-input that is not is copied once.
+statistics. Arrays reach the kernels aligned, in native byte order and filling one block
+of memory, x in its own order of axes (C, Fortran, a transpose of either), which the
+kernels see as (outer, channels, inner) in that order; x that is not is copied once, in
+that order (NumPy's order="K"). Outputs are laid out as numpy.empty_like(x) would be.
 """
 
 import numbers
@@ -30,6 +32,43 @@ cdef inline cnp.ndarray _kernel_ready(cnp.ndarray array):
     if cnp.PyArray_ISCARRAY_RO(array) and cnp.PyArray_ISNOTSWAPPED(array):
         return array
     return np.array(array, dtype=array.dtype.newbyteorder("="), order="C")  # a new, aligned copy
+
+
+cdef tuple _memory_order(cnp.ndarray array):
+    """The axes of ``array`` from the slowest-varying in memory to the fastest, where its
+    elements fill one block of memory in that order, aligned and in native byte order (a
+    Fortran-ordered array, a transpose of a C-contiguous one); else None. Axes of length 1
+    come first (they take no room)."""
+    if (not cnp.PyArray_ISALIGNED(array) or not cnp.PyArray_ISNOTSWAPPED(array)
+            or cnp.PyArray_SIZE(array) == 0):
+        return None
+    shape, strides = _shape(array), (<object>array).strides
+    order = sorted(range(len(shape)), key=lambda k: (shape[k] != 1, -strides[k]))
+    cdef cnp.npy_intp expected = cnp.PyArray_ITEMSIZE(array)
+    for k in reversed(order):
+        if shape[k] != 1:
+            if strides[k] != expected:
+                return None
+            expected *= shape[k]
+    return tuple(order)
+
+
+cdef bint _same_layout(cnp.ndarray a, cnp.ndarray b):
+    """Whether a and b, of one shape and dtype, lay their elements out alike in memory."""
+    if cnp.PyArray_SIZE(a) == 0:
+        return True
+    cdef int k
+    for k in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIM(a, k) != 1 and cnp.PyArray_STRIDE(a, k) != cnp.PyArray_STRIDE(b, k):
+            return False
+    return True
+
+
+cdef cnp.ndarray _like(cnp.ndarray x):
+    """A new array laid out as x (C-contiguous, or x's own order of axes)."""
+    if cnp.PyArray_IS_C_CONTIGUOUS(x):
+        return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
+    return np.empty_like(x)  # order="K": x's order of axes, for an x filling one block
 
 
 cdef cnp.ndarray _float_array(object value, str name):
@@ -106,8 +145,9 @@ cdef double _momentum(object momentum) except? -1.0:
 
 
 cdef class _Batch:
-    """An input checked and viewed as the kernels see it: (outer, channels, inner)."""
-    cdef cnp.ndarray x  # kernel-ready
+    """An input checked and viewed as the kernels see it: (outer, channels, inner), the
+    axes before and after the channel axis in x's memory order."""
+    cdef cnp.ndarray x  # kernel-ready: the input itself where it fills one block of memory
     cdef fbn_shape shape
     cdef int axis
     cdef bint single_precision
@@ -128,15 +168,29 @@ cdef _Batch _batch(object x, object axis, bint one_example=False):
         )
     cdef _Batch batch = _Batch.__new__(_Batch)
     batch.axis = _channel_axis(axis, ndim)
-    batch.x = _kernel_ready(array)
     batch.single_precision = cnp.PyArray_TYPE(array) == cnp.NPY_FLOAT32
     cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(array)
-    cdef int i
+    batch.shape.channels = dims[batch.axis]
     batch.shape.outer = 1
     batch.shape.inner = 1
+    cdef int i
+    if cnp.PyArray_ISCARRAY_RO(array) and cnp.PyArray_ISNOTSWAPPED(array):
+        batch.x = array
+    else:
+        order = _memory_order(array)
+        if order is None:  # a new, aligned, native copy in x's order of axes
+            array = np.array(array, dtype=array.dtype.newbyteorder("="), order="K")
+            order = _memory_order(array)
+        batch.x = array if order is not None else _kernel_ready(array)  # (empty: C order)
+        if order is not None:
+            at = order.index(batch.axis)
+            for i in order[:at]:
+                batch.shape.outer *= dims[i]
+            for i in order[at + 1:]:
+                batch.shape.inner *= dims[i]
+            return batch
     for i in range(batch.axis):
         batch.shape.outer *= dims[i]
-    batch.shape.channels = dims[batch.axis]
     for i in range(batch.axis + 1, ndim):
         batch.shape.inner *= dims[i]
     return batch
@@ -201,11 +255,35 @@ def _may_share_memory(cnp.ndarray a not None, cnp.ndarray b not None):
     return _overlap(a, b)
 
 
+_C_LAYOUT = "out must be C-contiguous and aligned"
+
+
+cdef str _layout_error(cnp.ndarray x, cnp.ndarray out):
+    """Why ``out`` cannot take the output of a kernel reading x (kernel-ready), or None."""
+    if cnp.PyArray_IS_C_CONTIGUOUS(x):
+        return None if cnp.PyArray_ISCARRAY_RO(out) else _C_LAYOUT
+    if not cnp.PyArray_ISALIGNED(out) or not _same_layout(out, x):
+        return (f"out must be aligned and laid out in memory as x (strides "
+                f"{(<object>x).strides}), got strides {(<object>out).strides}")
+    return None
+
+
+def _check_out_layout(cnp.ndarray x not None, cnp.ndarray out not None):
+    """Raises the ValueError a kernel call on x would raise for out's memory layout (x and
+    out of one shape and dtype), without copying x: for checks before a collective call."""
+    if not ((cnp.PyArray_ISCARRAY_RO(x) and cnp.PyArray_ISNOTSWAPPED(x)) or _memory_order(x)):
+        x = np.empty_like(x)  # laid out as the copy the kernel would read (order="K")
+    message = _layout_error(x, out)
+    if message is not None:
+        raise ValueError(message)
+
+
 cdef cnp.ndarray _output(_Batch batch, object out):
-    """A fresh output array, or ``out`` once it is known to fit; x is copied if out overlaps it."""
+    """A fresh output array laid out as x, or ``out`` once it is known to fit; x is copied
+    if out overlaps it."""
     cdef cnp.ndarray x = batch.x
     if out is None:
-        return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
+        return _like(x)
     if not isinstance(out, cnp.ndarray):
         raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
     cdef cnp.ndarray array = <cnp.ndarray>out
@@ -215,12 +293,13 @@ cdef cnp.ndarray _output(_Batch batch, object out):
             not cnp.PyArray_CompareLists(cnp.PyArray_DIMS(array), cnp.PyArray_DIMS(x),
                                          cnp.PyArray_NDIM(x))):
         raise ValueError(f"out must have the input's shape {_shape(x)}, got {_shape(array)}")
-    if not cnp.PyArray_ISCARRAY_RO(array):
-        raise ValueError("out must be C-contiguous and aligned")
+    message = _layout_error(x, array)
+    if message is not None:
+        raise ValueError(message)
     if not cnp.PyArray_ISWRITEABLE(array):
         raise ValueError("out is read-only")
     if cnp.PyArray_DATA(array) != cnp.PyArray_DATA(x) and _overlap(array, x):
-        batch.x = x.copy()  # out overlaps x without being x: read a copy
+        batch.x = x.copy(order="K")  # out overlaps x without being x: read a copy
     return array
 
 
@@ -312,8 +391,9 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     Parameters
     ----------
     x : numpy.ndarray of float32 or float64, ndim >= 2
-        Input; the channel (feature) axis is ``axis``. Any memory order; input that is
-        not C-contiguous is copied once.
+        Input; the channel (feature) axis is ``axis``. Any memory order: C, Fortran or
+        a transpose of either is read in place; other input is copied once, in the same
+        order of axes.
     running_mean, running_var : numpy.ndarray of shape (C,) or None
         Running statistics, of x's dtype. Required when ``training`` is false. When
         ``training`` is true and they are given, they are updated in place:
@@ -332,13 +412,15 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     axis : int, keyword-only
         The channel axis: 1 for NC, NCL, NCHW, NCDHW; -1 for channels-last.
     out : numpy.ndarray, optional, keyword-only
-        Where to write the result: C-contiguous, writable, x's shape and dtype.
-        ``out=x`` normalizes in place.
+        Where to write the result: writable, x's shape and dtype, laid out in memory as
+        ``numpy.empty_like(x)`` (C-contiguous for C-contiguous x). ``out=x`` normalizes
+        in place.
 
     Returns
     -------
     y : numpy.ndarray
-        The normalized input, x's shape and dtype (``out`` if given).
+        The normalized input, x's shape and dtype, laid out as ``numpy.empty_like(x)``
+        (``out`` if given).
 
     Raises
     ------
@@ -413,7 +495,8 @@ def batch_norm_train(x, weight=None, bias=None, eps=1e-5, *, axis=1, out=None):
     axis : int, keyword-only
         The channel axis (1 for NCHW, -1 for channels-last).
     out : numpy.ndarray, optional, keyword-only
-        C-contiguous, writable, x's shape and dtype; ``out=x`` works in place.
+        Writable, x's shape and dtype, laid out as ``numpy.empty_like(x)``; ``out=x``
+        works in place.
 
     Returns
     -------
@@ -577,13 +660,14 @@ def batch_norm_backward(grad_out, x, mean, invstd, weight=None, *, training=True
     axis : int, keyword-only
         The channel axis.
     out : numpy.ndarray, optional, keyword-only
-        Where to write grad_x: C-contiguous, writable, x's shape and dtype. ``out=grad_out``
+        Where to write grad_x: writable, x's shape and dtype, laid out as
+        ``numpy.empty_like(x)``. ``out=grad_out``
         (or ``out=x``) works in place.
 
     Returns
     -------
     grad_x : numpy.ndarray
-        x's shape and dtype, C-contiguous (``out`` if given).
+        x's shape and dtype, laid out as ``numpy.empty_like(x)`` (``out`` if given).
     grad_weight, grad_bias : numpy.ndarray of shape (C,)
         ``sum(grad_out * (x - mean) * invstd)`` and ``sum(grad_out)`` over all but the
         channel axis, accumulated in float64; returned even when weight is None.
@@ -610,12 +694,16 @@ def batch_norm_backward(grad_out, x, mean, invstd, weight=None, *, training=True
     cdef bint training_mode = bool(training)
     if training_mode:
         _check_training_batch(batch)
-    grad_array = _kernel_ready(grad_array)
+    if not (cnp.PyArray_ISALIGNED(grad_array) and cnp.PyArray_ISNOTSWAPPED(grad_array)
+            and _same_layout(grad_array, batch.x)):
+        fitted = _like(batch.x)  # read by the kernel in x's layout
+        np.copyto(fitted, grad_array)
+        grad_array = fitted
 
     cdef cnp.ndarray grad_x = _output(batch, out)
     if (out is not None and cnp.PyArray_DATA(grad_x) != cnp.PyArray_DATA(grad_array)
             and _overlap(grad_x, grad_array)):
-        grad_array = grad_array.copy()  # out overlaps grad_out without being it: read a copy
+        grad_array = grad_array.copy(order="K")  # out overlaps grad_out: read a copy
     cdef cnp.ndarray x_array = batch.x
     cdef cnp.ndarray grad_weight = cnp.PyArray_EMPTY(1, &channels, cnp.PyArray_TYPE(x_array), 0)
     cdef cnp.ndarray grad_bias = cnp.PyArray_EMPTY(1, &channels, cnp.PyArray_TYPE(x_array), 0)

@@ -18,6 +18,7 @@ mpi4py is optional: ``pip install "fastbn[mpi]"``. This module imports without i
 
 import numpy as np
 
+from fastbn._core import _check_out_layout
 from fastbn._core import batch_norm as _batch_norm
 from fastbn._core import batch_norm_backward as _batch_norm_backward
 from fastbn.layer import BatchNorm
@@ -265,7 +266,6 @@ def _check_out(x, out):
         raise TypeError(f"out must have the input's dtype {x.dtype.name}, got {out.dtype}")
     if out.shape != x.shape:
         raise ValueError(f"out must have the input's shape {x.shape}, got {out.shape}")
-    if not (out.flags.c_contiguous and out.flags.aligned):
-        raise ValueError("out must be C-contiguous and aligned")
+    _check_out_layout(x, out)
     if not out.flags.writeable:
         raise ValueError("out is read-only")

@@ -228,7 +228,8 @@ class BatchNorm(LayerCall):
             A batch with the channel axis at ``axis`` (ndim >= 2), or one example as a 1-D
             array of length num_features (then the result is 1-D too).
         out : numpy.ndarray, optional
-            Where to write the result: x's shape and dtype, C-contiguous. ``out=x`` works
+            Where to write the result: x's shape and dtype, laid out in memory as
+            ``numpy.empty_like(x)`` (C-contiguous for C-contiguous x). ``out=x`` works
             in place, but then :meth:`backward` cannot be called for this forward.
 
         Returns
@@ -419,7 +420,8 @@ class BatchNorm(LayerCall):
         grad_out : numpy.ndarray
             Gradient of the loss with respect to that call's output: its shape and dtype.
         out : numpy.ndarray, optional
-            Where to write grad_x: that call's shape and dtype, C-contiguous. ``out=grad_out``
+            Where to write grad_x: that call's shape and dtype, laid out as that call's
+            output. ``out=grad_out``
             works in place; out may not share memory with that call's x, which backward
             reads (and a later backward call would read again).
 
@@ -439,7 +441,8 @@ class BatchNorm(LayerCall):
             No forward call yet, or the forward call wrote over its input (out=x).
         TypeError, ValueError
             grad_out's or out's dtype or shape is not that of the forward call's output, or
-            out is not a C-contiguous, writable array apart from x. Nothing is changed then.
+            out is not a writable array laid out as x, apart from x. Nothing is changed
+            then.
         """
         with self._lock:
             context = self._context

@@ -56,9 +56,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 DTYPES = (np.float32, np.float64)
 
-#: Memory orders of the input. "strided" takes every other element of the last axis of a
-#: twice-as-wide array; "reversed" walks axis 0 backwards (negative stride).
-ORDERS = ("C", "F", "strided", "reversed")
+#: Memory orders of the input. "transposed" stores axis 0 fastest-varying, the others in C
+#: order (NHWC memory seen as NCHW, say); "strided" takes every other element of the last
+#: axis of a twice-as-wide array; "reversed" walks axis 0 backwards (negative stride).
+ORDERS = ("C", "F", "transposed", "strided", "reversed")
+
+#: The orders whose arrays fill one block of memory: the kernels read them in place.
+DENSE_ORDERS = ("C", "F", "transposed")
 
 #: (shape, axis) pairs small enough to run serially: odd sizes, C = 1, N = 2, one outer
 #: row, large inner (several L1 chunks), large C (several column blocks), every rank 2-5,
@@ -181,6 +185,8 @@ def in_order(array, order):
         return np.ascontiguousarray(array)
     if order == "F":
         return np.asfortranarray(array)
+    if order == "transposed":
+        return np.moveaxis(np.ascontiguousarray(np.moveaxis(array, 0, -1)), -1, 0)
     if order == "strided":
         wide = np.zeros(array.shape[:-1] + (2 * array.shape[-1],), dtype=array.dtype)
         view = wide[..., ::2]
@@ -190,6 +196,19 @@ def in_order(array, order):
         reversed_copy = np.ascontiguousarray(array[::-1])
         return reversed_copy[::-1]
     raise ValueError(f"unknown order {order!r}")
+
+
+def assert_laid_out_for(array, case, what="output"):
+    """``array`` has case's shape and an output's memory layout for case's input: that of
+    numpy.empty_like(input), the input's own order of axes, without gaps (strides compared
+    where the length is not 1)."""
+    expected = np.empty_like(in_order(np.zeros(case.shape, case.dtype), case.order))
+    assert array.shape == case.shape, f"{what}: shape {array.shape}"
+    assert all(
+        got == want
+        for got, want, length in zip(array.strides, expected.strides, case.shape)
+        if length != 1
+    ), f"{what}: strides {array.strides}, expected {expected.strides} ({case.order} input)"
 
 
 def cases(layouts, orders=ORDERS, dtypes=DTYPES, marks=()):
@@ -203,8 +222,8 @@ def cases(layouts, orders=ORDERS, dtypes=DTYPES, marks=()):
     return params
 
 
-#: Every small layout in every order, plus the large layouts C-ordered and Fortran-ordered.
-ALL_CASES = cases(SMALL_LAYOUTS) + cases(LARGE_LAYOUTS, orders=("C", "F"))
+#: Every small layout in every order, plus the large layouts in the orders read in place.
+ALL_CASES = cases(SMALL_LAYOUTS) + cases(LARGE_LAYOUTS, orders=DENSE_ORDERS)
 
 
 @pytest.fixture

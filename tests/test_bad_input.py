@@ -10,6 +10,7 @@ options (a second table: the layer's state must be unchanged too), and Moments.
 set_num_threads's bad values are in test_threads.py.
 """
 
+import re
 from typing import NamedTuple
 
 import numpy as np
@@ -150,6 +151,7 @@ OUT_KIND = r"^out must be a numpy.ndarray"
 OUT_DTYPE = r"^out must have the input's dtype"
 OUT_SHAPE = r"^out must have the input's shape"
 OUT_LAYOUT = r"^out must be C-contiguous and aligned"
+OUT_AS_X = r"^out must be aligned and laid out in memory as x \(strides"
 GRAD_KIND = r"^grad_out must be a numpy.ndarray"
 GRAD_SHAPE = r"^grad_out must have the input's shape"
 GRAD_DTYPE = r"^grad_out must have dtype float32 or float64"
@@ -254,6 +256,20 @@ CASES = [
         ValueError, OUT_LAYOUT),
     Bad("out-read-only", ALL, {"out": lambda a, d: _read_only(a["out"])},
         ValueError, r"^out is read-only"),
+    # x read in place in its own order of axes: out must be laid out as x
+    Bad("out-c-order-for-fortran-x", ALL, {"x": lambda a, d: np.asfortranarray(a["x"])},
+        ValueError, OUT_AS_X),
+    Bad("out-c-order-for-transposed-x", ALL,
+        {"x": lambda a, d: np.ascontiguousarray(a["x"].transpose(2, 0, 1)).transpose(1, 2, 0)},
+        ValueError, OUT_AS_X),
+    Bad("out-fortran-order-for-transposed-x", ALL,
+        {"x": lambda a, d: np.ascontiguousarray(a["x"].transpose(2, 0, 1)).transpose(1, 2, 0),
+         "out": lambda a, d: np.asfortranarray(a["out"])},
+        ValueError, OUT_AS_X),
+    Bad("out-unaligned-for-fortran-x", ALL,
+        {"x": lambda a, d: np.asfortranarray(a["x"]),
+         "out": lambda a, d: _unaligned(a["out"].T).T},
+        ValueError, OUT_AS_X),
     # grad_out
     Bad("grad_out-list", BACKWARD, {"grad_out": lambda a, d: a["grad_out"].tolist()},
         TypeError, GRAD_KIND),
@@ -805,3 +821,38 @@ MOMENTS_CASES = [  # (id, call, exception, match, the known bug or "")
 def test_bad_moments_arguments_are_rejected(call, exception, match):
     with pytest.raises(exception, match=match):
         call()
+
+
+# ------------------------------------------------------------- out's layout, checked early
+
+
+def _layouts(shape):
+    base = np.arange(float(np.prod(shape))).reshape(shape)
+    wide = np.zeros(shape[:-1] + (2 * shape[-1],))
+    wide_fortran = np.asfortranarray(wide)
+    return {
+        "C": base, "F": np.asfortranarray(base),
+        "transposed": np.ascontiguousarray(base.transpose(2, 0, 1)).transpose(1, 2, 0),
+        "strided C": wide[..., ::2], "strided F": wide_fortran[..., ::2],
+        "reversed": base[::-1],
+    }
+
+
+@pytest.mark.parametrize("out_layout", ["C", "F", "transposed"])
+@pytest.mark.parametrize("x_layout", list(_layouts(SHAPE)))
+def test_the_early_out_check_agrees_with_the_kernel_call(x_layout, out_layout):
+    """fastbn._core._check_out_layout (which SyncBatchNorm runs before its collective calls)
+    raises exactly what a kernel call on x would raise for out's layout, and nothing when
+    the call accepts out."""
+    from fastbn._core import _check_out_layout
+
+    x = _layouts(SHAPE)[x_layout]
+    out = _layouts(SHAPE)[out_layout].copy(order="K")
+    running_mean, running_var = np.zeros(CHANNELS), np.ones(CHANNELS)
+    try:
+        fastbn.batch_norm(x, running_mean, running_var, out=out)
+    except ValueError as error:
+        with pytest.raises(ValueError, match=f"^{re.escape(str(error))}$"):
+            _check_out_layout(x, out)
+    else:
+        _check_out_layout(x, out)

@@ -26,11 +26,13 @@ from fastbn._core import _may_share_memory
 import reference
 from conftest import (
     ALL_CASES,
+    DENSE_ORDERS,
     DTYPES,
     ORDERS,
     Case,
     accumulation,
     assert_close,
+    assert_laid_out_for,
     assert_same_values,
     assert_unchanged,
     cases,
@@ -131,10 +133,11 @@ def check_moments(case, x):
 
 
 def check_y(case, y, expected, what="y", scale=None):
-    """An elementwise output: x's shape and dtype, C-contiguous, within FORWARD_FACTOR ulps
-    of the largest value (or of ``scale``)."""
+    """An elementwise output: x's shape and dtype, laid out as x where x fills one block of
+    memory (else C order), within FORWARD_FACTOR ulps of the largest value (or of
+    ``scale``)."""
     assert y.dtype == case.dtype, f"{what}: dtype {y.dtype}"
-    assert y.shape == case.shape and y.flags.c_contiguous
+    assert_laid_out_for(y, case, what)
     assert_close(y, expected, factor=FORWARD_FACTOR, scale=scale, what=f"{what} {case.id}")
 
 
@@ -185,7 +188,7 @@ def _assert_gradients_match(case, got, expected, grad_out, x, mean, invstd, weig
     expected_x, expected_weight, expected_bias = expected
     for name, value in (("grad_x", grad_x), ("grad_weight", grad_weight), ("grad_bias", grad_bias)):
         assert value.dtype == case.dtype, f"{name} has dtype {value.dtype}"
-    assert grad_x.flags.c_contiguous
+    assert_laid_out_for(grad_x, case, "grad_x")
     dy = reference.as_channel_rows(grad_out, case.axis)
     column = lambda per_channel: np.asarray(per_channel, dtype=np.float64)[:, None]  # noqa: E731
     xhat = (reference.as_channel_rows(x, case.axis) - column(mean)) * column(invstd)
@@ -538,15 +541,17 @@ OUT_CASES = cases(
         ((4096, 256), 1),
         ((40000, 3), 1),
     ),
-    orders=("C",),
+    orders=DENSE_ORDERS,
 )
 
 
 @pytest.mark.parametrize("case", OUT_CASES)
 @pytest.mark.parametrize("function", FORWARD_FUNCTIONS)
 def test_out_receives_the_result(function, case, rng):
+    """out laid out as x (here numpy.full_like: C order for C-ordered x, Fortran order for
+    Fortran-ordered x, ...) receives the result."""
     x = case.array(rng)
-    out = np.full(case.shape, np.nan, dtype=case.dtype)
+    out = np.full_like(x, np.nan)
     y, expected = _call_forward(function, x, case, rng, out)
     assert y is out
     check_y(case, out, expected)
@@ -619,7 +624,7 @@ def _call_backward(training, case, rng, arrange):
 BACKWARD_OUT_CASES = cases(
     (((3, 4, 5), 1), ((32, 64, 8, 8), 1), ((600, 64, 3), 1), ((4096, 256), 1), ((40000, 3), 1),
      ((2000, 72), 1), ((300, 600), 1)),
-    orders=("C",),
+    orders=DENSE_ORDERS,
 )
 
 
