@@ -421,9 +421,8 @@ class BatchNorm(LayerCall):
             Gradient of the loss with respect to that call's output: its shape and dtype.
         out : numpy.ndarray, optional
             Where to write grad_x: that call's shape and dtype, laid out as that call's
-            output. ``out=grad_out``
-            works in place; out may not share memory with that call's x, which backward
-            reads (and a later backward call would read again).
+            output. ``out=grad_out`` works in place; out may not share memory with that
+            call's x, which backward reads (and a later backward call would read again).
 
         Returns
         -------
