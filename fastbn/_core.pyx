@@ -271,7 +271,7 @@ cdef str _layout_error(cnp.ndarray x, cnp.ndarray out):
 def _check_out_layout(cnp.ndarray x not None, cnp.ndarray out not None):
     """Raises the ValueError a kernel call on x would raise for out's memory layout (x and
     out of one shape and dtype), without copying x: for checks before a collective call."""
-    if not ((cnp.PyArray_ISCARRAY_RO(x) and cnp.PyArray_ISNOTSWAPPED(x)) or _memory_order(x)):
+    if _memory_order(x) is None:  # not read in place (as _batch decides)
         x = np.empty_like(x)  # laid out as the copy the kernel would read (order="K")
     message = _layout_error(x, out)
     if message is not None:

@@ -467,6 +467,8 @@ LAYER_CASES = [
              ValueError, r"^out is read-only"),
     LayerBad("out-fortran-order", BOTH,
              lambda bn, a: bn(a["x"], out=np.asfortranarray(a["out"])), ValueError, OUT_LAYOUT),
+    LayerBad("out-c-order-for-fortran-x", BOTH,
+             lambda bn, a: bn(np.asfortranarray(a["x"]), out=a["out"]), ValueError, OUT_AS_X),
     LayerBad("out-strided", BOTH,
              lambda bn, a: bn(a["x"], out=np.repeat(a["out"], 2, axis=-1)[..., ::2]),
              ValueError, OUT_LAYOUT),
