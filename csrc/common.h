@@ -52,11 +52,11 @@
     !defined(FBN_NO_DISPATCH)
 #define FBN_STREAMING 1
 #endif
-/* Whether the CPU runs the AVX-512 loops; whether a kernel writing `bytes` of output
-   should stream it (runtime.c). */
+/* Whether the CPU runs the AVX-512 loops; whether a pass that reads and writes `pass_bytes`
+   in all (every array it touches, output included) streams its output (runtime.c). */
 int fbn_has_avx512(void);
-int fbn_stream_output(int64_t bytes);
-#define FBN_STREAM_MIN_BYTES (8 * 1024 * 1024)
+int fbn_stream_output(int64_t pass_bytes);
+#define FBN_STREAM_MIN_PASS_BYTES (24 * 1024 * 1024)
 /* How far per-column arrays may be wrapped (continued by their first values,
    kernels/columns.inc): a wide row of narrow rows (below) and a vector's values (16 at
    most) past it. */

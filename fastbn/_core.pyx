@@ -829,6 +829,7 @@ def _threads_for(elements, kernel_pass):
     return fbn_threads_for(elements, _PASSES[kernel_pass])
 
 
-def _streams_output(nbytes):
-    """Whether the forward kernels write an output of ``nbytes`` with streaming stores."""
-    return bool(fbn_stream_output(nbytes))
+def _streams_output(pass_bytes):
+    """Whether a pass that touches ``pass_bytes`` in all (its inputs and its output) writes
+    its output with streaming stores."""
+    return bool(fbn_stream_output(pass_bytes))

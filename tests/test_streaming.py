@@ -1,5 +1,6 @@
-"""Large outputs: written with streaming stores on CPUs with AVX-512 (more than 8 MiB):
-y of the forward passes, grad_x of the training backward pass.
+"""Large outputs: written with streaming stores on CPUs with AVX-512 where the arrays a pass
+touches come to 24 MiB or more: y of the forward passes from 12 MiB (x and y), grad_x of
+the training backward pass from 8 MiB (x, grad_out and grad_x).
 
 The streaming loop has its own code for the unaligned start and the end of every run, so
 it is checked here on runs whose length and offset are odd, in place and not, against the
@@ -17,16 +18,20 @@ from reference import backward_train, forward_eval, forward_train
 #: (2, 3, L) with L odd: every run of a channel starts at another offset from a cache line.
 SHAPE = (2, 3, 700_001)
 #: Channels-last, (N, C): whole rows stream as one block, with C below, at and past a vector.
-ROWS_SHAPES = [(1_000_003, 3), (100_003, 37), (50_001, 64)]
+ROWS_SHAPES = [(1_100_003, 3), (100_003, 37), (50_001, 64)]
 
 
-def test_outputs_past_8_mib_stream_and_smaller_ones_do_not():
+def test_passes_over_24_mib_or_more_stream_and_smaller_ones_do_not():
     streams = _core._streams_output
-    assert not streams(8 * 2**20)
-    if not streams(8 * 2**20 + 1):
+    assert not streams(24 * 2**20 - 1)
+    if not streams(24 * 2**20):
         pytest.skip("this CPU has no AVX-512: nothing streams")
-    assert streams(np.prod(SHAPE) * 4)
-    assert all(streams(np.prod(shape) * 4) for shape in ROWS_SHAPES)
+    for shape in [SHAPE] + ROWS_SHAPES:
+        output_bytes = int(np.prod(shape)) * 4  # the float32 cases: float64 streams too
+        assert streams(2 * output_bytes), f"{shape}: the forward pass's y"
+        assert streams(3 * output_bytes), f"{shape}: the backward pass's grad_x"
+    assert not streams(2 * (12 * 2**20 - 64)), "y just under 12 MiB stays in the cache"
+    assert streams(3 * 8 * 2**20), "grad_x of 8 MiB streams"
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
