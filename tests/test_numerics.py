@@ -139,6 +139,34 @@ def test_backward_at_large_offsets(shape, ratio):
     assert_close(grad_x, expected_x, factor=OUTPUT_FACTOR, what="grad_x")
 
 
+#: Just over half a float32 ulp of 1: added in float32 to 1 plus a few ulps, it rounds up.
+ROUNDS_UP = 2.0**-24 + 2.0**-30
+
+
+@pytest.mark.parametrize("shape", [(64, 8), (64, 48), (2, 3, 64)], ids=str)
+def test_backward_sums_where_every_float32_addition_rounds_up(shape):
+    """grad_weight sums grad_out * (x - mean). Float32 products are added a few rows at a
+    time in float32 before the sum goes on in float64; here each such addition rounds up by
+    almost half an ulp (a 1, then values just over half its ulp, in every group of rows and
+    lanes), and the result stays within 2.5 eps of the sum of |terms|: 1.5 for a block of 4
+    rows, 0.5 for the result's own rounding. grad_bias adds every value in float64."""
+    x = np.full(shape, ROUNDS_UP, dtype=np.float32)
+    if len(shape) == 2:
+        x[0] = 1  # the first row of each column's first block
+    else:
+        x[..., :16] = 1  # the first row of every run's 16 lanes
+    grad_out = np.ones(shape, np.float32)
+    channels = shape[1]
+    mean, invstd = np.zeros(channels, np.float32), np.ones(channels, np.float32)
+
+    _, grad_weight, grad_bias = fastbn.batch_norm_backward(grad_out, x, mean, invstd)
+
+    terms = reference.as_channel_rows(x.astype(np.float64), 1)
+    assert_close(grad_weight, terms.sum(axis=1), factor=2.5, scale=np.abs(terms).sum(axis=1),
+                 what="grad_weight")
+    np.testing.assert_array_equal(grad_bias, np.float32(shape[0] * x[0, 0].size))
+
+
 @layouts
 @ratios
 def test_float64_variance_within_its_condition_number(shape, ratio):
