@@ -52,10 +52,13 @@
     !defined(FBN_NO_DISPATCH)
 #define FBN_STREAMING 1
 #endif
-/* Whether the CPU runs the AVX-512 loops; whether a pass that reads and writes `pass_bytes`
-   in all (every array it touches, output included) streams its output (runtime.c). */
+/* Whether the CPU runs the AVX-512 loops; whether a pass over `arrays` arrays of
+   `output_bytes` each (inputs and output) streams its output (runtime.c). `l3_speed`: the
+   pass, written through the cache, would run at the speed of L3 where its arrays stay
+   there (on several threads, and not over rows walked a chunk of columns at a time). */
 int fbn_has_avx512(void);
-int fbn_stream_output(int64_t pass_bytes);
+int fbn_stream_output(int64_t output_bytes, int arrays, int l3_speed);
+#define FBN_STREAM_MIN_BYTES (8 * 1024 * 1024)
 #define FBN_STREAM_MIN_PASS_BYTES (24 * 1024 * 1024)
 /* How far per-column arrays may be wrapped (continued by their first values,
    kernels/columns.inc): a wide row of narrow rows (below) and a vector's values (16 at

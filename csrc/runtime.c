@@ -296,19 +296,27 @@ int fbn_has_avx512(void)
 #endif
 }
 
-/* A pass's output is streamed, on CPUs with AVX-512, where the arrays the pass touches come
-   to FBN_STREAM_MIN_PASS_BYTES or more: they would not stay in L3 together, and the next
-   layer would not find most of the output there anyway. Below, the output written through
-   the cache stays in it: with 9.6-10.5 MB outputs (x and y 19-21 MB), eval took 0.45-0.93x
-   the time of streaming (NCHW (16, 48, 56, 56) float32 0.52x, (9600, 256) 0.45x, (2048,
-   1280) 0.93x, float64 (4, 3, 100000) 0.47x), the training forward 0.56-0.90x; from 12 MiB
+/* A pass's output is streamed, on CPUs with AVX-512, from FBN_STREAM_MIN_BYTES; where the pass
+   runs at the speed of L3 (l3_speed), only where its arrays also come to
+   FBN_STREAM_MIN_PASS_BYTES or more: below that they stay in L3 together, and the next
+   layer finds the output there. With x and y of 9.6-10.5 MB (19-21 MB in all), on 2
+   threads, eval took 0.45-0.81x the time of streaming (NCHW (16, 48, 56, 56) float32
+   0.46-0.54x, (16, 3, 224, 224) 0.47-0.65x, rows of 1-4 KiB (5120, 512) 0.58x, (2560,
+   1024) 0.81x, float64 (4, 3, 100000) 0.47x), the training forward 0.56-0.90x; from 12 MiB
    on, streaming took 0.7-0.95x the time of most passes ((2048, 1536) float32, 12 MiB, eval
-   0.71-0.9x, training forward 0.70-0.97x). The backward, three arrays, streams grad_x from
-   8 MiB as before: (16, 3, 224, 224) float32 took 1.16x the time without. (A fixed size: the L3 size
-   the system reports is unreliable in virtual machines, 320 MiB for a 32 MiB cache here.) */
-int fbn_stream_output(int64_t pass_bytes)
+   0.71-0.9x, training forward 0.70-0.97x). Not at L3's speed, streaming wins from 8 MiB:
+   on one thread (one core's traffic with L3, a read for ownership and a write-back of
+   every line of y, is the bottleneck), where without it (2048, 1280) eval took 2.2x the
+   time, (9600, 256) 1.12x, the training forward 1.04-1.66x; and over rows of more than a
+   chunk, walked a chunk of columns at a time through the cache but streamed whole (2
+   threads: (2048, 1280) 1.3-1.5x the time without, (1024, 2560) 1.3x). The backward,
+   three arrays, streams grad_x from 8 MiB either way: (16, 3, 224, 224) float32, 2
+   threads, took 1.16x the time without. (Fixed sizes: the L3 size the system reports is
+   unreliable in virtual machines, 320 MiB for a 32 MiB cache here.) */
+int fbn_stream_output(int64_t output_bytes, int arrays, int l3_speed)
 {
-    return fbn_has_avx512() && pass_bytes >= FBN_STREAM_MIN_PASS_BYTES;
+    return fbn_has_avx512() && output_bytes >= FBN_STREAM_MIN_BYTES &&
+           (!l3_speed || arrays * output_bytes >= FBN_STREAM_MIN_PASS_BYTES);
 }
 
 const char *fbn_simd_level(void)
