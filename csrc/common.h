@@ -60,6 +60,7 @@ int fbn_has_avx512(void);
 int fbn_stream_output(int64_t output_bytes, int arrays, int l3_speed);
 #define FBN_STREAM_MIN_BYTES (8 * 1024 * 1024)
 #define FBN_STREAM_MIN_PASS_BYTES (24 * 1024 * 1024)
+#define FBN_STREAM_MIN_CORE_PASS_BYTES (18 * 1024 * 1024)
 /* How far per-column arrays may be wrapped (continued by their first values,
    kernels/columns.inc): a wide row of narrow rows (below) and a vector's values (16 at
    most) past it. */

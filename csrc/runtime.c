@@ -296,8 +296,9 @@ int fbn_has_avx512(void)
 #endif
 }
 
-/* A pass's output is streamed, on CPUs with AVX-512, from FBN_STREAM_MIN_BYTES; where the pass
-   runs at the speed of L3 (l3_speed), only where its arrays also come to
+/* A pass's output is streamed, on CPUs with AVX-512, from FBN_STREAM_MIN_BYTES, or where its
+   arrays come to FBN_STREAM_MIN_CORE_PASS_BYTES (a backward on one core: grad_x from 6 MiB);
+   where the pass runs at the speed of L3 (l3_speed), only where its arrays also come to
    FBN_STREAM_MIN_PASS_BYTES or more: below that they stay in L3 together, and the next
    layer finds the output there. With x and y of 9.6-10.5 MB (19-21 MB in all), on 2
    threads, eval took 0.45-0.81x the time of streaming (NCHW (16, 48, 56, 56) float32
@@ -310,13 +311,22 @@ int fbn_has_avx512(void)
    time, (9600, 256) 1.12x, the training forward 1.04-1.66x; and over rows of more than a
    chunk, walked a chunk of columns at a time through the cache but streamed whole (2
    threads: (2048, 1280) 1.3-1.5x the time without, (1024, 2560) 1.3x). The backward,
-   three arrays, streams grad_x from 8 MiB either way: (16, 3, 224, 224) float32, 2
-   threads, took 1.16x the time without. (Fixed sizes: the L3 size the system reports is
-   unreliable in virtual machines, 320 MiB for a 32 MiB cache here.) */
+   three arrays, streams grad_x from 8 MiB at L3's speed: (16, 3, 224, 224) float32, 2
+   threads, took 1.16x the time without. On one core it streams from 6 MiB: streamed, it
+   took 0.74-0.88x the time at 6.5-8 MB (float32 (1600, 1024) 0.76x, (10, 64, 56, 56)
+   0.76x, float64 (5, 64, 56, 56) 0.74x, (875, 1000) 0.88x), 0.97-0.98x at 6 MB,
+   1.01-1.04x at 5 MB; the forward passes' 2 arrays reach 18 MiB only past 8 MiB of y.
+   (Fixed sizes: the L3 size the system reports is unreliable in virtual machines, 320 MiB
+   for a 32 MiB cache here.) */
 int fbn_stream_output(int64_t output_bytes, int arrays, int l3_speed)
 {
-    return fbn_has_avx512() && output_bytes >= FBN_STREAM_MIN_BYTES &&
-           (!l3_speed || arrays * output_bytes >= FBN_STREAM_MIN_PASS_BYTES);
+    if (!fbn_has_avx512())
+        return 0;
+    if (l3_speed)
+        return output_bytes >= FBN_STREAM_MIN_BYTES &&
+               arrays * output_bytes >= FBN_STREAM_MIN_PASS_BYTES;
+    return output_bytes >= FBN_STREAM_MIN_BYTES ||
+           arrays * output_bytes >= FBN_STREAM_MIN_CORE_PASS_BYTES;
 }
 
 const char *fbn_simd_level(void)

@@ -1,7 +1,8 @@
-"""Large outputs: written with streaming stores on CPUs with AVX-512 from 8 MiB, and, where
-the pass runs at the speed of L3 (several threads, no rows walked in chunks of columns),
-only where its arrays also come to 24 MiB or more: y of the forward passes from 12 MiB
-(x and y), grad_x of the training backward pass from 8 MiB (x, grad_out and grad_x).
+"""Large outputs: written with streaming stores on CPUs with AVX-512 from 8 MiB, or where the
+pass's arrays come to 18 MiB (grad_x of a backward on one core from 6 MiB: x, grad_out and
+grad_x); where the pass runs at the speed of L3 (several threads, no rows walked in chunks
+of columns), only where its arrays also come to 24 MiB or more: y of the forward passes
+from 12 MiB (x and y), grad_x of the training backward pass from 8 MiB.
 
 The streaming loop has its own code for the unaligned start and the end of every run, so
 it is checked here on runs whose length and offset are odd, in place and not, against the
@@ -22,7 +23,7 @@ SHAPE = (2, 3, 700_001)
 ROWS_SHAPES = [(1_100_003, 3), (100_003, 37), (50_001, 64)]
 
 
-def test_outputs_stream_from_8_mib_and_at_l3_speed_from_24_mib_of_arrays():
+def test_outputs_stream_from_8_mib_or_18_mib_of_arrays_and_at_l3_speed_from_24_mib():
     def streams(output_bytes, arrays, l3_speed):
         return _core._streams_output(output_bytes, arrays, l3_speed)
 
@@ -30,9 +31,11 @@ def test_outputs_stream_from_8_mib_and_at_l3_speed_from_24_mib_of_arrays():
     if not streams(8 * MiB, 2, False):
         pytest.skip("this CPU has no AVX-512: nothing streams")
     assert not streams(8 * MiB - 64, 2, False), "y under 8 MiB stays in the cache"
+    assert not streams(6 * MiB - 64, 3, False), "on one core grad_x under 6 MiB stays there"
+    assert streams(6 * MiB, 3, False), "on one core grad_x streams from 6 MiB"
+    assert not streams(8 * MiB - 64, 3, True), "at L3's speed grad_x under 8 MiB stays there"
     assert not streams(12 * MiB - 64, 2, True), "at L3's speed y under 12 MiB stays there"
     assert streams(12 * MiB, 2, True)
-    assert not streams(8 * MiB - 64, 3, True), "grad_x under 8 MiB stays in the cache"
     assert streams(8 * MiB, 3, True) and streams(8 * MiB, 3, False)
     for shape in [SHAPE] + ROWS_SHAPES:
         output_bytes = int(np.prod(shape)) * 4  # the float32 cases: float64 streams too
