@@ -21,6 +21,7 @@
     !defined(FBN_NO_DISPATCH)
 #if __has_attribute(target_clones)
 #define FBN_DISPATCH __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define FBN_CLONES 1
 #endif
 #endif
 #ifndef FBN_DISPATCH
@@ -44,19 +45,22 @@
 /*
  * Streaming stores: an output much larger than the cache is written around it, so that the
  * memory system does not first read every line of it (read-for-ownership): a third less
- * traffic for the normalize pass. x86-64 with AVX-512 only, built with GCC or Clang; the
- * kernels_float*.c files define the vector operations per type (FBN_VEC_*), which also
- * serve the normalize pass over rows that starts at a cache line (kernels/avx512.inc).
+ * traffic for the normalize pass. x86-64 built with GCC or Clang, in AVX-512 or AVX2 vectors
+ * (kernels/avx512.inc, vectors.inc), which in AVX-512 also serve the normalize pass over
+ * rows that starts at a cache line and the other loops there. Without dispatch
+ * (FBN_NO_DISPATCH) the CPU is taken to be what the compiler targets (-march).
  */
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
-    !defined(FBN_NO_DISPATCH)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FBN_STREAMING 1
 #endif
-/* Whether the CPU runs the AVX-512 loops; whether a pass over `arrays` arrays of
-   `output_bytes` each (inputs and output) streams its output (runtime.c). `l3_speed`: the
-   pass, written through the cache, would run at the speed of L3 where its arrays stay
-   there (on several threads, and not over rows walked a chunk of columns at a time). */
+/* Whether the CPU runs the AVX-512 loops; whether it runs the AVX2 streaming loops instead
+   (it runs the x86-64-v3 clones, with AVX2 and FMA, and has no AVX-512); whether a pass over
+   `arrays` arrays of `output_bytes` each (inputs and output) streams its output (runtime.c).
+   `l3_speed`: the pass, written through the cache, would run at the speed of L3 where its
+   arrays stay there (on several threads, and not over rows walked a chunk of columns at a
+   time). */
 int fbn_has_avx512(void);
+int fbn_has_avx2(void);
 int fbn_stream_output(int64_t output_bytes, int arrays, int l3_speed);
 #define FBN_STREAM_MIN_BYTES (8 * 1024 * 1024)
 #define FBN_STREAM_MIN_PASS_BYTES (24 * 1024 * 1024)

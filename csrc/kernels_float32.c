@@ -9,17 +9,16 @@
 #define SQRT_T sqrtf
 
 #ifdef FBN_STREAMING
-/* The vector operations of the AVX-512 loops (kernels/avx512.inc), in AVX-512 for this type. */
+/* The vector types of the loops in vectors (kernels/avx512.inc) for this type, in AVX-512
+   and in AVX2, the suffix of their intrinsics, and AVX2's mask of a vector's first `count`
+   lanes. */
 #include <immintrin.h>
-#define FBN_VEC __m512
-#define FBN_MASK __mmask16
-#define FBN_VEC_LANES 16
-#define FBN_VEC_SET1 _mm512_set1_ps
-#define FBN_VEC_LOAD _mm512_loadu_ps
-#define FBN_VEC_MASK_LOAD _mm512_maskz_loadu_ps
-#define FBN_VEC_MASK_STORE _mm512_mask_storeu_ps
-#define FBN_VEC_STORE _mm512_storeu_ps
-#define FBN_VEC_STREAM _mm512_stream_ps
+#define FBN_AVX512_VEC __m512
+#define FBN_AVX512_MASK __mmask16
+#define FBN_AVX2_VEC __m256
+#define FBN_AVX2_FIRST(count) _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(count)), \
+                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+#define FBN_VEC_SUFFIX ps
 #endif
 
 #include "kernels/loops.inc"

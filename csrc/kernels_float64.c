@@ -9,17 +9,16 @@
 #define SQRT_T sqrt
 
 #ifdef FBN_STREAMING
-/* The vector operations of the AVX-512 loops (kernels/avx512.inc), in AVX-512 for this type. */
+/* The vector types of the loops in vectors (kernels/avx512.inc) for this type, in AVX-512
+   and in AVX2, the suffix of their intrinsics, and AVX2's mask of a vector's first `count`
+   lanes. */
 #include <immintrin.h>
-#define FBN_VEC __m512d
-#define FBN_MASK __mmask8
-#define FBN_VEC_LANES 8
-#define FBN_VEC_SET1 _mm512_set1_pd
-#define FBN_VEC_LOAD _mm512_loadu_pd
-#define FBN_VEC_MASK_LOAD _mm512_maskz_loadu_pd
-#define FBN_VEC_MASK_STORE _mm512_mask_storeu_pd
-#define FBN_VEC_STORE _mm512_storeu_pd
-#define FBN_VEC_STREAM _mm512_stream_pd
+#define FBN_AVX512_VEC __m512d
+#define FBN_AVX512_MASK __mmask8
+#define FBN_AVX2_VEC __m256d
+#define FBN_AVX2_FIRST(count) _mm256_cmpgt_epi64(_mm256_set1_epi64x(count), \
+                          _mm256_setr_epi64x(0, 1, 2, 3))
+#define FBN_VEC_SUFFIX pd
 /* The backward's sums join each vector of grad_out from the two whole lines it straddles
    where grad_out's rows start at another offset within a line than x's (avx512.inc:
    group_grad_sums_joined). Not for float, whose sums convert every value to double, which

@@ -279,10 +279,15 @@ int64_t fbn_tile_budget_bytes(void)
     return (int64_t)kib * 1024;
 }
 
-/* Whether the CPU runs the AVX-512 loops (kernels/avx512.inc, FBN_STREAMING). Asked once. */
+#if defined(FBN_STREAMING) && !defined(FBN_NO_DISPATCH)
+#define FBN_CPU_DISPATCH 1
+#endif
+
+/* Whether the CPU runs the AVX-512 loops (kernels/avx512.inc, FBN_STREAMING). Asked once;
+   without dispatch, whether the compiler targets AVX-512. */
 int fbn_has_avx512(void)
 {
-#ifdef FBN_STREAMING
+#ifdef FBN_CPU_DISPATCH
     static fbn_shared_int has_avx512 = -1; /* -1: not asked yet */
     int answer = has_avx512;
     if (answer < 0) {
@@ -291,15 +296,41 @@ int fbn_has_avx512(void)
         has_avx512 = answer;
     }
     return answer;
+#elif defined(FBN_STREAMING) && defined(__AVX512F__)
+    return 1;
 #else
     return 0;
 #endif
 }
 
-/* A pass's output is streamed, on CPUs with AVX-512, from FBN_STREAM_MIN_BYTES, or where its
-   arrays come to FBN_STREAM_MIN_CORE_PASS_BYTES (a backward on one core: grad_x from 6 MiB);
-   where the pass runs at the speed of L3 (l3_speed), only where its arrays also come to
-   FBN_STREAM_MIN_PASS_BYTES or more: below that they stay in L3 together, and the next
+/* Whether the CPU runs the AVX2 streaming loops (vectors.inc): it has AVX2 and FMA, and so
+   runs the x86-64-v3 clones of the portable loops (FBN_CLONES), whose results the AVX2 loops
+   match, but no AVX-512. Asked once; without dispatch, whether the compiler targets AVX2
+   and FMA but not AVX-512. */
+int fbn_has_avx2(void)
+{
+#if defined(FBN_CPU_DISPATCH) && defined(FBN_CLONES)
+    static fbn_shared_int has_avx2 = -1; /* -1: not asked yet */
+    int answer = has_avx2;
+    if (answer < 0) {
+        __builtin_cpu_init();
+        answer = !fbn_has_avx512() && __builtin_cpu_supports("avx2") &&
+                 __builtin_cpu_supports("fma");
+        has_avx2 = answer;
+    }
+    return answer;
+#elif defined(FBN_STREAMING) && defined(FBN_NO_DISPATCH) && defined(__AVX2__) && \
+    defined(__FMA__)
+    return !fbn_has_avx512();
+#else
+    return 0;
+#endif
+}
+
+/* A pass's output is streamed, on CPUs with AVX-512 or AVX2, from FBN_STREAM_MIN_BYTES, or
+   where its arrays come to FBN_STREAM_MIN_CORE_PASS_BYTES (a backward on one core: grad_x
+   from 6 MiB); where the pass runs at the speed of L3 (l3_speed), only where its arrays
+   also come to FBN_STREAM_MIN_PASS_BYTES or more: below that they stay in L3 together, and the next
    layer finds the output there. With x and y of 9.6-10.5 MB (19-21 MB in all), on 2
    threads, eval took 0.45-0.81x the time of streaming (NCHW (16, 48, 56, 56) float32
    0.46-0.54x, (16, 3, 224, 224) 0.47-0.65x, rows of 1-4 KiB (5120, 512) 0.58x, (2560,
@@ -320,7 +351,7 @@ int fbn_has_avx512(void)
    for a 32 MiB cache here.) */
 int fbn_stream_output(int64_t output_bytes, int arrays, int l3_speed)
 {
-    if (!fbn_has_avx512())
+    if (!fbn_has_avx512() && !fbn_has_avx2())
         return 0;
     if (l3_speed)
         return output_bytes >= FBN_STREAM_MIN_BYTES &&

@@ -1,4 +1,4 @@
-"""Large outputs: written with streaming stores on CPUs with AVX-512 from 8 MiB, or where the
+"""Large outputs: written with streaming stores on CPUs with AVX-512 or AVX2 from 8 MiB, or where the
 pass's arrays come to 18 MiB (grad_x of a backward on one core from 6 MiB: x, grad_out and
 grad_x); where the pass runs at the speed of L3 (several threads, no rows walked in chunks
 of columns), only where its arrays also come to 24 MiB or more: y of the forward passes
@@ -6,7 +6,8 @@ from 12 MiB (x and y), grad_x of the training backward pass from 8 MiB.
 
 The streaming loop has its own code for the unaligned start and the end of every run, so
 it is checked here on runs whose length and offset are odd, in place and not, against the
-float64 reference. On a CPU without AVX-512 these inputs take the ordinary loops.
+float64 reference, and against the loops that write through the cache, bit for bit. On a
+CPU with neither AVX-512 nor AVX2 these inputs take the ordinary loops.
 """
 
 import numpy as np
@@ -29,7 +30,7 @@ def test_outputs_stream_from_8_mib_or_18_mib_of_arrays_and_at_l3_speed_from_24_m
 
     MiB = 2**20
     if not streams(8 * MiB, 2, False):
-        pytest.skip("this CPU has no AVX-512: nothing streams")
+        pytest.skip("this CPU has neither AVX-512 nor AVX2: nothing streams")
     assert not streams(8 * MiB - 64, 2, False), "y under 8 MiB stays in the cache"
     assert not streams(6 * MiB - 64, 3, False), "on one core grad_x under 6 MiB stays there"
     assert streams(6 * MiB, 3, False), "on one core grad_x streams from 6 MiB"
@@ -86,6 +87,28 @@ def test_streamed_eval_forward_matches_the_reference(dtype):
     expected = forward_eval(x, running_mean, running_var)
     tolerance = 8 * np.finfo(dtype).eps * np.abs(expected).max()
     np.testing.assert_allclose(y, expected, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [SHAPE] + ROWS_SHAPES, ids=str)
+def test_streamed_eval_is_bit_for_bit_what_the_cache_path_writes(dtype, shape):
+    """Eval's constants are per channel, so the output of a slice of x is the same slice of
+    the output: slices of under a MiB are written through the cache."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal(shape) * 3 - 2).astype(dtype)
+    channels = shape[1]
+    running_mean = rng.standard_normal(channels).astype(dtype)
+    running_var = rng.uniform(0.5, 2, channels).astype(dtype)
+    weight = rng.uniform(0.5, 2, channels).astype(dtype)
+    bias = rng.standard_normal(channels).astype(dtype)
+    y = fastbn.batch_norm(x, running_mean, running_var, weight, bias)
+    axis = x.ndim - 1 if x.ndim > 2 else 0  # along the runs, or across the rows
+    step = max(1, 2**20 // (x.nbytes // x.shape[axis]))
+    for start in range(0, x.shape[axis], step):
+        piece = (slice(None),) * axis + (slice(start, start + step),)
+        cached = fastbn.batch_norm(np.ascontiguousarray(x[piece]), running_mean, running_var,
+                                   weight, bias)
+        np.testing.assert_array_equal(y[piece], cached, err_msg=f"from {start}")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
