@@ -351,13 +351,14 @@ int fbn_has_avx2(void)
    for a 32 MiB cache here.) */
 int fbn_stream_output(int64_t output_bytes, int arrays, int l3_speed)
 {
-    if (!fbn_has_avx512() && !fbn_has_avx2())
-        return 0;
-    if (l3_speed)
-        return output_bytes >= FBN_STREAM_MIN_BYTES &&
-               arrays * output_bytes >= FBN_STREAM_MIN_PASS_BYTES;
-    return output_bytes >= FBN_STREAM_MIN_BYTES ||
-           arrays * output_bytes >= FBN_STREAM_MIN_CORE_PASS_BYTES;
+    const int vectors = fbn_has_avx512() ? FBN_STREAM_AVX512
+                        : fbn_has_avx2() ? FBN_STREAM_AVX2
+                                         : 0;
+    const int large = l3_speed ? output_bytes >= FBN_STREAM_MIN_BYTES &&
+                                     arrays * output_bytes >= FBN_STREAM_MIN_PASS_BYTES
+                               : output_bytes >= FBN_STREAM_MIN_BYTES ||
+                                     arrays * output_bytes >= FBN_STREAM_MIN_CORE_PASS_BYTES;
+    return large ? vectors : 0;
 }
 
 const char *fbn_simd_level(void)
