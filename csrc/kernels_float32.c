@@ -18,6 +18,7 @@
 #define FBN_AVX2_VEC __m256
 #define FBN_AVX2_FIRST(count) _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(count)), \
                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+#define FBN_AVX2_MASK_AS_VEC _mm256_castsi256_ps
 #define FBN_VEC_SUFFIX ps
 #endif
 

@@ -18,6 +18,7 @@
 #define FBN_AVX2_VEC __m256d
 #define FBN_AVX2_FIRST(count) _mm256_cmpgt_epi64(_mm256_set1_epi64x(count), \
                           _mm256_setr_epi64x(0, 1, 2, 3))
+#define FBN_AVX2_MASK_AS_VEC _mm256_castsi256_pd
 #define FBN_VEC_SUFFIX pd
 /* The backward's sums join each vector of grad_out from the two whole lines it straddles
    where grad_out's rows start at another offset within a line than x's (avx512.inc:

@@ -5,7 +5,7 @@
   "thorough", chosen with the HYPOTHESIS_PROFILE environment variable.
 - :class:`Case`: one input layout (dtype x shape x axis x memory order) with a readable id,
   and :func:`cases` to expand layouts into ``pytest.param`` lists.
-- :func:`assert_close`: elementwise error bound ``factor * eps(dtype) * scale``.
+- :func:`assert_close`: elementwise error bound ``factor * (eps * scale + tiny)``.
 """
 
 import dataclasses
@@ -236,11 +236,14 @@ def rng():
 
 
 def assert_close(actual, expected, *, factor, scale=None, what=""):
-    """Assert ``|actual - expected| <= factor * eps(actual.dtype) * scale`` elementwise.
+    """Assert ``|actual - expected| <= factor * (eps * scale + tiny)`` elementwise, eps and
+    tiny (the smallest subnormal) of ``actual.dtype``.
 
     ``expected`` is a float64 reference. ``scale`` (scalar or broadcastable array) is the
     magnitude the rounding errors are relative to; by default ``max(1, max|expected|)``,
-    the size of the largest value. The dtype of ``actual`` is checked too.
+    the size of the largest value. Below the normal range an operation's rounding error is
+    absolute, up to half the smallest subnormal, however small the scale: hence tiny. The
+    dtype of ``actual`` is checked too.
     """
     actual = np.asarray(actual)
     expected = np.asarray(expected, dtype=np.float64)
@@ -248,14 +251,16 @@ def assert_close(actual, expected, *, factor, scale=None, what=""):
     eps = float(np.finfo(actual.dtype).eps)
     if scale is None:
         scale = max(1.0, float(np.max(np.abs(expected)))) if expected.size else 1.0
-    bound = factor * eps * np.asarray(scale, dtype=np.float64)
+    tiny = float(np.finfo(actual.dtype).smallest_subnormal)
+    bound = factor * (eps * np.asarray(scale, dtype=np.float64) + tiny)
     error = np.abs(actual.astype(np.float64) - expected)
     bad = ~(error <= bound)  # NaN counts as a failure
     if np.any(bad):
         worst = np.unravel_index(np.argmax(np.where(bad, error, -1.0)), error.shape)
         raise AssertionError(
             f"{what}: {int(bad.sum())} of {error.size} values off by more than "
-            f"{factor} * eps({actual.dtype}) * scale; worst at index {tuple(map(int, worst))}: "
+            f"{factor} * (eps * scale + tiny) of {actual.dtype}; "
+            f"worst at index {tuple(map(int, worst))}: "
             f"got {actual[worst]!r}, expected {expected[worst]!r}, "
             f"error {error[worst]:.3g} > bound {np.broadcast_to(bound, error.shape)[worst]:.3g}"
         )

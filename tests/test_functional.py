@@ -6,7 +6,8 @@ in both modes; test ids name all four. Then the array-handling contract: ``out=`
 operation, optional affine parameters, untouched and read-only inputs, byte-swapped and
 unaligned input, and channels whose variance is zero.
 
-Tolerances are ``factor * eps(dtype) * scale`` (conftest.assert_close):
+Tolerances are ``factor * (eps * scale + tiny)`` (conftest.assert_close; tiny, the smallest
+subnormal, for results below the normal range):
 - elementwise outputs (y, grad_x): FORWARD_FACTOR, relative to the largest value: each
   value is a handful of rounded operations (subtract, multiply, add) on rounded constants;
 - per-channel statistics (mean, invstd, running stats): STATISTIC_FACTOR, relative to

@@ -20,6 +20,10 @@ from reference import backward_train, forward_eval, forward_train
 
 #: (2, 3, L) with L odd: every run of a channel starts at another offset from a cache line.
 SHAPE = (2, 3, 700_001)
+#: Runs of 49 values: most vectors of y hold the end of one run and the start of the next.
+SHORT_RUNS = (1200, 64, 7, 7)
+#: Runs of 81 values, which the training forward takes in tiles of a few whole channels.
+CHANNEL_TILES = (640, 64, 9, 9)
 #: Channels-last, (N, C): whole rows stream as one block, with C below, at and past a vector.
 ROWS_SHAPES = [(1_100_003, 3), (100_003, 37), (50_001, 64)]
 
@@ -38,7 +42,7 @@ def test_outputs_stream_from_8_mib_or_18_mib_of_arrays_and_at_l3_speed_from_24_m
     assert not streams(12 * MiB - 64, 2, True), "at L3's speed y under 12 MiB stays there"
     assert streams(12 * MiB, 2, True)
     assert streams(8 * MiB, 3, True) and streams(8 * MiB, 3, False)
-    for shape in [SHAPE] + ROWS_SHAPES:
+    for shape in [SHAPE, SHORT_RUNS, CHANNEL_TILES] + ROWS_SHAPES:
         output_bytes = int(np.prod(shape)) * 4  # the float32 cases: float64 streams too
         assert streams(output_bytes, 2, True), f"{shape}: the forward pass's y"
         assert streams(output_bytes, 3, True), f"{shape}: the backward pass's grad_x"
@@ -46,11 +50,12 @@ def test_outputs_stream_from_8_mib_or_18_mib_of_arrays_and_at_l3_speed_from_24_m
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("in_place", [False, True], ids=["out", "in-place"])
-def test_streamed_training_forward_matches_the_reference(dtype, in_place):
+@pytest.mark.parametrize("shape", [SHAPE, SHORT_RUNS, CHANNEL_TILES], ids=str)
+def test_streamed_training_forward_matches_the_reference(dtype, in_place, shape):
     rng = np.random.default_rng(0)
-    x = (rng.standard_normal(SHAPE) * 3 + 7).astype(dtype)
-    weight = rng.uniform(0.5, 2, 3).astype(dtype)
-    bias = rng.standard_normal(3).astype(dtype)
+    x = (rng.standard_normal(shape) * 3 + 7).astype(dtype)
+    weight = rng.uniform(0.5, 2, shape[1]).astype(dtype)
+    bias = rng.standard_normal(shape[1]).astype(dtype)
     expected = forward_train(x, weight, bias)[0]
     out = x if in_place else None
     y, _, _ = fastbn.batch_norm_train(x, weight, bias, out=out)
@@ -90,7 +95,7 @@ def test_streamed_eval_forward_matches_the_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [SHAPE] + ROWS_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", [SHAPE, SHORT_RUNS] + ROWS_SHAPES, ids=str)
 def test_streamed_eval_is_bit_for_bit_what_the_cache_path_writes(dtype, shape):
     """Eval's constants are per channel, so the output of a slice of x is the same slice of
     the output: slices of under a MiB are written through the cache."""
