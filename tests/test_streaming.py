@@ -117,7 +117,7 @@ def test_streamed_eval_is_bit_for_bit_what_the_cache_path_writes(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [SHAPE] + ROWS_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", [SHAPE, SHORT_RUNS, CHANNEL_TILES] + ROWS_SHAPES, ids=str)
 def test_streamed_training_backward_matches_the_reference(dtype, shape):
     rng = np.random.default_rng(3)
     x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
