@@ -267,10 +267,20 @@ fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int64_t segment_
  * (float32 (64, 256, 28) 0.72x, float64 (64, 256, 10) 0.69x; float32 (32, 1024, 28)
  * 1.05x, (8, 2048, 28) 2x). It loses on longer ones (float32 (64, 512, 32) 1.2x; float64
  * (64, 512, 24) 1.4x).
+ * Where the backward streams grad_x (`streamed`: its arrays are larger than the caches),
+ * it also spreads runs shorter than 512 bytes from 32 rows on: by channel, each run is a
+ * few lines read far from the last and a stream of its own with ordinary stores at both
+ * ends; spread, a tile's rows are long and stream whole. Paired runs against not
+ * spreading, 2 threads: float64 (64, 512, 7, 7) 0.63x the time, (128, 512, 7, 7) 0.68x,
+ * float32 (64, 512, 10, 10) 0.70x, (256, 256, 8, 8) 0.78x, (640, 64, 9, 9) 0.79x; one
+ * thread 0.57-0.70x, (32, 512, 7, 7) float64 0.59x. Runs of 512 bytes to 1 KiB gained
+ * less (0.78-0.96x) and float64 (32, 256, 120) on one thread took 1.26x. The forward
+ * passes gain nothing from it: (64, 512, 10, 10) training forward took 1.38x the time.
  */
 #define FBN_SPREAD_MAX_COLUMNS (64 * 1024)
 
-static inline int64_t fbn_spread(fbn_shape shape, fbn_pass pass, size_t value_bytes)
+static inline int64_t fbn_spread(fbn_shape shape, fbn_pass pass, size_t value_bytes,
+                                 int streamed)
 {
     if (shape.inner <= 1 || shape.channels > FBN_SPREAD_MAX_COLUMNS / shape.inner)
         return 1;
@@ -285,7 +295,7 @@ static inline int64_t fbn_spread(fbn_shape shape, fbn_pass pass, size_t value_by
         spreads = reductions || (shape.inner <= 64 && shape.outer >= 64);
         break;
     default:
-        spreads = reductions;
+        spreads = reductions || (streamed && run_bytes < 512 && shape.outer >= 32);
     }
     return spreads ? shape.inner : 1;
 }

@@ -20,9 +20,11 @@ from reference import backward_train, forward_eval, forward_train
 
 #: (2, 3, L) with L odd: every run of a channel starts at another offset from a cache line.
 SHAPE = (2, 3, 700_001)
-#: Runs of 49 values: most vectors of y hold the end of one run and the start of the next.
+#: Runs of 49 values: most vectors of y hold the end of one run and the start of the next;
+#: the backward sees them as rows of 64 * 49 columns (common.h: fbn_spread).
 SHORT_RUNS = (1200, 64, 7, 7)
-#: Runs of 81 values, which the training forward takes in tiles of a few whole channels.
+#: Runs of 81 values, which the training forward takes in tiles of a few whole channels; the
+#: backward spreads them over columns in float32 (324 bytes), not in float64.
 CHANNEL_TILES = (640, 64, 9, 9)
 #: Channels-last, (N, C): whole rows stream as one block, with C below, at and past a vector.
 ROWS_SHAPES = [(1_100_003, 3), (100_003, 37), (50_001, 64)]
