@@ -54,20 +54,9 @@
 #define FBN_STREAMING 1
 #endif
 /* Whether the CPU runs the AVX-512 loops; whether it runs the AVX2 streaming loops instead
-   (it runs the x86-64-v3 clones, with AVX2 and FMA, and has no AVX-512); whether a pass over
-   `arrays` arrays of `output_bytes` each (inputs and output) streams its output, and in
-   which vectors (runtime.c).
-   `l3_speed`: the pass, written through the cache, would run at the speed of L3 where its
-   arrays stay there (on several threads, and not over rows walked a chunk of columns at a
-   time). */
+   (it runs the x86-64-v3 clones, with AVX2 and FMA, and has no AVX-512) (runtime.c). */
 int fbn_has_avx512(void);
 int fbn_has_avx2(void);
-int fbn_stream_output(int64_t output_bytes, int arrays, int l3_speed);
-/* What fbn_stream_output answers when a pass streams: the vectors to stream in (else 0). */
-enum { FBN_STREAM_AVX512 = 1, FBN_STREAM_AVX2 = 2 };
-#define FBN_STREAM_MIN_BYTES (8 * 1024 * 1024)
-#define FBN_STREAM_MIN_PASS_BYTES (24 * 1024 * 1024)
-#define FBN_STREAM_MIN_CORE_PASS_BYTES (18 * 1024 * 1024)
 /* How far per-column arrays may be wrapped (continued by their first values,
    kernels/columns.inc): a wide row of narrow rows (below) and a vector's values (16 at
    most) past it. */
@@ -226,6 +215,14 @@ static inline int fbn_next_span(fbn_shape shape, fbn_spans *spans, int64_t *at, 
 /* What a kernel does over the array: eval, one pass; the training forward (or moments
    alone), statistics then y; the backward. */
 typedef enum { FBN_PASS_EVAL, FBN_PASS_TRAINING_FORWARD, FBN_PASS_BACKWARD } fbn_pass;
+
+/* Whether `pass` streams its output of `output_bytes`, and in which vectors (runtime.c).
+   `l3_speed`: the pass, written through the cache, would run at the speed of L3 where its
+   arrays stay there (on several threads, and not over rows walked a chunk of columns at a
+   time). */
+int fbn_stream_output(int64_t output_bytes, fbn_pass pass, int l3_speed);
+/* What fbn_stream_output answers when a pass streams: the vectors to stream in (else 0). */
+enum { FBN_STREAM_AVX512 = 1, FBN_STREAM_AVX2 = 2 };
 
 /*
  * How a kernel spreads over threads. by_channel: each part owns whole channels, in tiles

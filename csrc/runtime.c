@@ -327,38 +327,43 @@ int fbn_has_avx2(void)
 #endif
 }
 
-/* A pass's output is streamed, on CPUs with AVX-512 or AVX2, from FBN_STREAM_MIN_BYTES, or
-   where its arrays come to FBN_STREAM_MIN_CORE_PASS_BYTES (a backward on one core: grad_x
-   from 6 MiB); where the pass runs at the speed of L3 (l3_speed), only where its arrays
-   also come to FBN_STREAM_MIN_PASS_BYTES or more: below that they stay in L3 together, and the next
-   layer finds the output there. With x and y of 9.6-10.5 MB (19-21 MB in all), on 2
-   threads, eval took 0.45-0.81x the time of streaming (NCHW (16, 48, 56, 56) float32
-   0.46-0.54x, (16, 3, 224, 224) 0.47-0.65x, rows of 1-4 KiB (5120, 512) 0.58x, (2560,
-   1024) 0.81x, float64 (4, 3, 100000) 0.47x), the training forward 0.56-0.90x; from 12 MiB
-   on, streaming took 0.7-0.95x the time of most passes ((2048, 1536) float32, 12 MiB, eval
-   0.71-0.9x, training forward 0.70-0.97x). Not at L3's speed, streaming wins from 8 MiB:
-   on one thread (one core's traffic with L3, a read for ownership and a write-back of
-   every line of y, is the bottleneck), where without it (2048, 1280) eval took 2.2x the
-   time, (9600, 256) 1.12x, the training forward 1.04-1.66x; and over rows of more than a
-   chunk, walked a chunk of columns at a time through the cache but streamed whole (2
-   threads: (2048, 1280) 1.3-1.5x the time without, (1024, 2560) 1.3x). The backward,
-   three arrays, streams grad_x from 8 MiB at L3's speed: (16, 3, 224, 224) float32, 2
-   threads, took 1.16x the time without. On one core it streams from 6 MiB: streamed, it
-   took 0.74-0.88x the time at 6.5-8 MB (float32 (1600, 1024) 0.76x, (10, 64, 56, 56)
-   0.76x, float64 (5, 64, 56, 56) 0.74x, (875, 1000) 0.88x), 0.97-0.98x at 6 MB,
-   1.01-1.04x at 5 MB; the forward passes' 2 arrays reach 18 MiB only past 8 MiB of y.
-   (Fixed sizes: the L3 size the system reports is unreliable in virtual machines, 320 MiB
-   for a 32 MiB cache here.) */
-int fbn_stream_output(int64_t output_bytes, int arrays, int l3_speed)
+/* A pass's output is streamed, on CPUs with AVX-512 or AVX2, from the size for the pass
+   below, on one core (where one core's traffic with L3, a read for ownership and a write-back
+   of every line of y, is the bottleneck) or at the speed of L3 (l3_speed: on several
+   threads, where smaller arrays stay in L3 together, and the next layer finds the output
+   there). (Fixed sizes: the L3 size the system reports is unreliable in virtual machines,
+   320 MiB for a 32 MiB cache here.) Measured on 2 cores, against writing through the cache:
+   - Eval at L3's speed from 18 MiB: with outputs of 12.8-17.6 MB, eval through the cache
+     took 0.47-0.97x the time of streaming, in every layout (float32 (16, 64, 56, 56)
+     0.50-0.83x, (64, 256, 14, 14) 0.47-0.80x, (16, 56, 56, 64) channels-last 0.50-0.97x,
+     (3200, 1024) 0.58-0.92x, (22, 64, 56, 56) 0.64-0.76x); from 19 MB, 0.8-1.3x.
+   - The training forward at L3's speed from 12 MiB: from 16 MB streaming took 0.72-1.0x
+     the time ((96, 256, 14, 14) 0.72-0.79x, (20, 56, 56, 64) channels-last 0.90x,
+     (24, 64, 56, 56) 0.90-0.96x) but for rows ((4000, 1024) 1.04-1.19x); at 12.8 MB it
+     depends on the layout: (64, 256, 14, 14) 0.88-0.90x, (16, 64, 56, 56) 1.11-1.25x,
+     (3200, 1024) 1.22-1.28x, (16, 56, 56, 64) 1.9-2.1x; at 9.6-10.5 MB, 1.1-1.8x.
+   - The backward at L3's speed from 8 MiB of grad_x (x, grad_out and grad_x come to 24
+     MiB): (16, 3, 224, 224) float32 took 1.16x the time without.
+   - On one core, from 8 MiB, where without it (2048, 1280) eval took 2.2x the time,
+     (9600, 256) 1.12x, the training forward 1.04-1.66x; likewise over rows of more than a
+     chunk, walked a chunk of columns at a time through the cache but streamed whole (2
+     threads: (2048, 1280) 1.3-1.5x the time without). The backward on one core from 6 MiB:
+     streamed, it took 0.74-0.88x the time at 6.5-8 MB (float32 (1600, 1024) 0.76x,
+     (10, 64, 56, 56) 0.76x, float64 (5, 64, 56, 56) 0.74x, (875, 1000) 0.88x), 0.97-0.98x
+     at 6 MB, 1.01-1.04x at 5 MB. */
+int fbn_stream_output(int64_t output_bytes, fbn_pass pass, int l3_speed)
 {
+    enum { MiB = 1024 * 1024 };
+    static const int64_t one_core[] = {[FBN_PASS_EVAL] = 8 * MiB,
+                                       [FBN_PASS_TRAINING_FORWARD] = 8 * MiB,
+                                       [FBN_PASS_BACKWARD] = 6 * MiB};
+    static const int64_t at_l3_speed[] = {[FBN_PASS_EVAL] = 18 * MiB,
+                                          [FBN_PASS_TRAINING_FORWARD] = 12 * MiB,
+                                          [FBN_PASS_BACKWARD] = 8 * MiB};
     const int vectors = fbn_has_avx512() ? FBN_STREAM_AVX512
                         : fbn_has_avx2() ? FBN_STREAM_AVX2
                                          : 0;
-    const int large = l3_speed ? output_bytes >= FBN_STREAM_MIN_BYTES &&
-                                     arrays * output_bytes >= FBN_STREAM_MIN_PASS_BYTES
-                               : output_bytes >= FBN_STREAM_MIN_BYTES ||
-                                     arrays * output_bytes >= FBN_STREAM_MIN_CORE_PASS_BYTES;
-    return large ? vectors : 0;
+    return output_bytes >= (l3_speed ? at_l3_speed : one_core)[pass] ? vectors : 0;
 }
 
 const char *fbn_simd_level(void)

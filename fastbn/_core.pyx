@@ -829,8 +829,8 @@ def _threads_for(elements, kernel_pass):
     return fbn_threads_for(elements, _PASSES[kernel_pass])
 
 
-def _streams_output(output_bytes, arrays, l3_speed):
-    """Whether a pass over ``arrays`` arrays of ``output_bytes`` each (its inputs and its
-    output) writes its output with streaming stores; ``l3_speed``: whether the pass would
-    run at the speed of L3 with its arrays there (several threads, no chunked rows)."""
-    return bool(fbn_stream_output(output_bytes, arrays, l3_speed))
+def _streams_output(output_bytes, kernel_pass, l3_speed):
+    """Whether ``kernel_pass`` (a key of _PASSES) writes its output of ``output_bytes`` with
+    streaming stores; ``l3_speed``: whether the pass would run at the speed of L3 with its
+    arrays there (several threads, no chunked rows)."""
+    return bool(fbn_stream_output(output_bytes, _PASSES[kernel_pass], l3_speed))

@@ -60,11 +60,12 @@ cdef extern from "common.h" nogil:
     fbn_spans fbn_spans_of(fbn_shape shape, fbn_tile tile)
     int fbn_next_span(fbn_shape shape, fbn_spans *spans, int64_t *at, int64_t *n)
     void fbn_split(int64_t n, int part, int nparts, int64_t *begin, int64_t *end)
-    int fbn_stream_output(int64_t output_bytes, int arrays, int l3_speed)
 
     ctypedef enum fbn_pass:
         FBN_PASS_EVAL
         FBN_PASS_TRAINING_FORWARD
         FBN_PASS_BACKWARD
+
+    int fbn_stream_output(int64_t output_bytes, fbn_pass kernel_pass, int l3_speed)
 
     int fbn_threads_for(int64_t elements, fbn_pass kernel_pass)

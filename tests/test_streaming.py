@@ -1,13 +1,13 @@
-"""Large outputs: written with streaming stores on CPUs with AVX-512 or AVX2 from 8 MiB, or where the
-pass's arrays come to 18 MiB (grad_x of a backward on one core from 6 MiB: x, grad_out and
-grad_x); where the pass runs at the speed of L3 (several threads, no rows walked in chunks
-of columns), only where its arrays also come to 24 MiB or more: y of the forward passes
-from 12 MiB (x and y), grad_x of the training backward pass from 8 MiB.
+"""Large outputs: written with streaming stores on CPUs with AVX-512 or AVX2. On one core,
+y of the forward passes from 8 MiB and grad_x of the training backward from 6 MiB; where
+the pass runs at the speed of L3 (several threads, no rows walked in chunks of columns),
+eval's y from 18 MiB, the training forward's from 12 MiB and grad_x from 8 MiB.
 
 The streaming loop has its own code for the unaligned start and the end of every run, so
 it is checked here on runs whose length and offset are odd, in place and not, against the
-float64 reference, and against the loops that write through the cache, bit for bit. On a
-CPU with neither AVX-512 nor AVX2 these inputs take the ordinary loops.
+float64 reference, and against the loops that write through the cache, bit for bit. Eval
+runs on one thread, where every case here streams, and on all. On a CPU with neither
+AVX-512 nor AVX2 these inputs take the ordinary loops.
 """
 
 import numpy as np
@@ -18,8 +18,9 @@ from fastbn import _core
 
 from reference import backward_train, forward_eval, forward_train
 
-#: (2, 3, L) with L odd: every run of a channel starts at another offset from a cache line.
-SHAPE = (2, 3, 700_001)
+#: (3, 3, L) with L odd: every run of a channel starts at another offset from a cache line,
+#: and two threads split the positions inside a run (where a streamed run is cut).
+SHAPE = (3, 3, 466_667)
 #: Runs of 49 values: most vectors of y hold the end of one run and the start of the next;
 #: the backward sees them as rows of 64 * 49 columns (common.h: fbn_spread).
 SHORT_RUNS = (1200, 64, 7, 7)
@@ -30,24 +31,25 @@ CHANNEL_TILES = (640, 64, 9, 9)
 ROWS_SHAPES = [(1_100_003, 3), (100_003, 37), (50_001, 64)]
 
 
-def test_outputs_stream_from_8_mib_or_18_mib_of_arrays_and_at_l3_speed_from_24_mib():
-    def streams(output_bytes, arrays, l3_speed):
-        return _core._streams_output(output_bytes, arrays, l3_speed)
+def test_outputs_stream_from_a_size_for_each_pass_on_one_core_and_at_l3_speed():
+    def streams(output_bytes, kernel_pass, l3_speed):
+        return _core._streams_output(output_bytes, kernel_pass, l3_speed)
 
     MiB = 2**20
-    if not streams(8 * MiB, 2, False):
+    if not streams(8 * MiB, "eval", False):
         pytest.skip("this CPU has neither AVX-512 nor AVX2: nothing streams")
-    assert not streams(8 * MiB - 64, 2, False), "y under 8 MiB stays in the cache"
-    assert not streams(6 * MiB - 64, 3, False), "on one core grad_x under 6 MiB stays there"
-    assert streams(6 * MiB, 3, False), "on one core grad_x streams from 6 MiB"
-    assert not streams(8 * MiB - 64, 3, True), "at L3's speed grad_x under 8 MiB stays there"
-    assert not streams(12 * MiB - 64, 2, True), "at L3's speed y under 12 MiB stays there"
-    assert streams(12 * MiB, 2, True)
-    assert streams(8 * MiB, 3, True) and streams(8 * MiB, 3, False)
+    one_core = {"eval": 8 * MiB, "training": 8 * MiB, "backward": 6 * MiB}
+    at_l3_speed = {"eval": 18 * MiB, "training": 12 * MiB, "backward": 8 * MiB}
+    for l3_speed, smallest in ((False, one_core), (True, at_l3_speed)):
+        for kernel_pass, output_bytes in smallest.items():
+            where = f"{kernel_pass}, {'at L3 speed' if l3_speed else 'on one core'}"
+            assert streams(output_bytes, kernel_pass, l3_speed), where
+            assert not streams(output_bytes - 64, kernel_pass, l3_speed), where
     for shape in [SHAPE, SHORT_RUNS, CHANNEL_TILES] + ROWS_SHAPES:
         output_bytes = int(np.prod(shape)) * 4  # the float32 cases: float64 streams too
-        assert streams(output_bytes, 2, True), f"{shape}: the forward pass's y"
-        assert streams(output_bytes, 3, True), f"{shape}: the backward pass's grad_x"
+        assert streams(output_bytes, "eval", False), f"{shape}: eval's y on one core"
+        assert streams(output_bytes, "training", True), f"{shape}: the training forward's y"
+        assert streams(output_bytes, "backward", True), f"{shape}: grad_x"
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -84,8 +86,10 @@ def test_streamed_channels_last_forward_matches_the_reference(dtype, shape):
         np.testing.assert_allclose(got, expected, rtol=0, atol=tolerance)
 
 
+@pytest.mark.parametrize("threads", [1, None], ids=["1-thread", "all-threads"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_streamed_eval_forward_matches_the_reference(dtype):
+def test_streamed_eval_forward_matches_the_reference(dtype, threads, restore_threads):
+    fastbn.set_num_threads(threads)
     rng = np.random.default_rng(1)
     x = rng.standard_normal(SHAPE).astype(dtype)
     running_mean = rng.standard_normal(3).astype(dtype)
@@ -96,11 +100,14 @@ def test_streamed_eval_forward_matches_the_reference(dtype):
     np.testing.assert_allclose(y, expected, rtol=0, atol=tolerance)
 
 
+@pytest.mark.parametrize("threads", [1, None], ids=["1-thread", "all-threads"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [SHAPE, SHORT_RUNS] + ROWS_SHAPES, ids=str)
-def test_streamed_eval_is_bit_for_bit_what_the_cache_path_writes(dtype, shape):
+def test_streamed_eval_is_bit_for_bit_what_the_cache_path_writes(dtype, shape, threads,
+                                                                  restore_threads):
     """Eval's constants are per channel, so the output of a slice of x is the same slice of
     the output: slices of under a MiB are written through the cache."""
+    fastbn.set_num_threads(threads)
     rng = np.random.default_rng(4)
     x = (rng.standard_normal(shape) * 3 - 2).astype(dtype)
     channels = shape[1]
