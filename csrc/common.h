@@ -216,11 +216,13 @@ static inline int fbn_next_span(fbn_shape shape, fbn_spans *spans, int64_t *at, 
    alone), statistics then y; the backward. */
 typedef enum { FBN_PASS_EVAL, FBN_PASS_TRAINING_FORWARD, FBN_PASS_BACKWARD } fbn_pass;
 
-/* Whether `pass` streams its output of `output_bytes`, and in which vectors (runtime.c).
-   `l3_speed`: the pass, written through the cache, would run at the speed of L3 where its
-   arrays stay there (on several threads, and not over rows walked a chunk of columns at a
-   time). */
-int fbn_stream_output(int64_t output_bytes, fbn_pass pass, int l3_speed);
+/* How a pass written through the cache would run: on one core; on several threads over rows
+   walked a chunk of columns at a time (kernels/tiles.inc); on several threads at the speed
+   of L3 where its arrays stay there. */
+typedef enum { FBN_ONE_CORE, FBN_CHUNKED_ROWS, FBN_L3_SPEED } fbn_pace;
+
+/* Whether `pass` streams its output of `output_bytes`, and in which vectors (runtime.c). */
+int fbn_stream_output(int64_t output_bytes, fbn_pass pass, fbn_pace pace);
 /* What fbn_stream_output answers when a pass streams: the vectors to stream in (else 0). */
 enum { FBN_STREAM_AVX512 = 1, FBN_STREAM_AVX2 = 2 };
 

@@ -328,11 +328,11 @@ int fbn_has_avx2(void)
 }
 
 /* A pass's output is streamed, on CPUs with AVX-512 or AVX2, from the size for the pass
-   below, on one core (where one core's traffic with L3, a read for ownership and a write-back
-   of every line of y, is the bottleneck) or at the speed of L3 (l3_speed: on several
-   threads, where smaller arrays stay in L3 together, and the next layer finds the output
-   there). (Fixed sizes: the L3 size the system reports is unreliable in virtual machines,
-   320 MiB for a 32 MiB cache here.) Measured on 2 cores, against writing through the cache:
+   and its pace below: on one core, one core's traffic with L3 (a read for ownership and a
+   write-back of every line of y) is the bottleneck; on several threads smaller arrays stay
+   in L3 together, and the next layer finds the output there. (Fixed sizes: the L3 size
+   the system reports is unreliable in virtual machines, 320 MiB for a 32 MiB cache here.)
+   Measured on 2 cores, against writing through the cache:
    - Eval at L3's speed from 18 MiB: with outputs of 12.8-17.6 MB, eval through the cache
      took 0.47-0.97x the time of streaming, in every layout (float32 (16, 64, 56, 56)
      0.50-0.83x, (64, 256, 14, 14) 0.47-0.80x, (16, 56, 56, 64) channels-last 0.50-0.97x,
@@ -342,28 +342,33 @@ int fbn_has_avx2(void)
      (24, 64, 56, 56) 0.90-0.96x) but for rows ((4000, 1024) 1.04-1.19x); at 12.8 MB it
      depends on the layout: (64, 256, 14, 14) 0.88-0.90x, (16, 64, 56, 56) 1.11-1.25x,
      (3200, 1024) 1.22-1.28x, (16, 56, 56, 64) 1.9-2.1x; at 9.6-10.5 MB, 1.1-1.8x.
+   - The forward passes over rows walked in chunks (several threads) from 10 MiB: with
+     outputs of 8.4-9.4 MB, through the cache eval took 0.44-0.91x the time of streaming
+     (float32 (256, 8192) 0.49-0.81x, (64, 32768) 0.46x, (1640, 1280) 0.62-0.91x,
+     (64, 2048, 4, 4), spread to rows of 32768, 0.47-0.66x, float64 (512, 2048)
+     0.59-0.62x) and the training forward 0.66-1.0x; at 10.5 MB ((2048, 1280),
+     (1024, 2560)) streaming took 0.73-1.43x the time as the host's load changed, at
+     11.5 MB 0.89-1.28x, from 12.6 MB 0.66-1.0x (the training forward 0.82-0.97x).
    - The backward at L3's speed from 8 MiB of grad_x (x, grad_out and grad_x come to 24
      MiB): (16, 3, 224, 224) float32 took 1.16x the time without.
    - On one core, from 8 MiB, where without it (2048, 1280) eval took 2.2x the time,
-     (9600, 256) 1.12x, the training forward 1.04-1.66x; likewise over rows of more than a
-     chunk, walked a chunk of columns at a time through the cache but streamed whole (2
-     threads: (2048, 1280) 1.3-1.5x the time without). The backward on one core from 6 MiB:
-     streamed, it took 0.74-0.88x the time at 6.5-8 MB (float32 (1600, 1024) 0.76x,
+     (9600, 256) 1.12x, the training forward 1.04-1.66x. The backward on one core from
+     6 MiB: streamed, it took 0.74-0.88x the time at 6.5-8 MB (float32 (1600, 1024) 0.76x,
      (10, 64, 56, 56) 0.76x, float64 (5, 64, 56, 56) 0.74x, (875, 1000) 0.88x), 0.97-0.98x
      at 6 MB, 1.01-1.04x at 5 MB. */
-int fbn_stream_output(int64_t output_bytes, fbn_pass pass, int l3_speed)
+int fbn_stream_output(int64_t output_bytes, fbn_pass pass, fbn_pace pace)
 {
     enum { MiB = 1024 * 1024 };
-    static const int64_t one_core[] = {[FBN_PASS_EVAL] = 8 * MiB,
-                                       [FBN_PASS_TRAINING_FORWARD] = 8 * MiB,
-                                       [FBN_PASS_BACKWARD] = 6 * MiB};
-    static const int64_t at_l3_speed[] = {[FBN_PASS_EVAL] = 18 * MiB,
-                                          [FBN_PASS_TRAINING_FORWARD] = 12 * MiB,
-                                          [FBN_PASS_BACKWARD] = 8 * MiB};
+    static const int64_t smallest[][3] = {
+        /* eval, training forward, backward (which takes no chunked pace) */
+        [FBN_ONE_CORE] = {8 * MiB, 8 * MiB, 6 * MiB},
+        [FBN_CHUNKED_ROWS] = {10 * MiB, 10 * MiB, 8 * MiB},
+        [FBN_L3_SPEED] = {18 * MiB, 12 * MiB, 8 * MiB},
+    };
     const int vectors = fbn_has_avx512() ? FBN_STREAM_AVX512
                         : fbn_has_avx2() ? FBN_STREAM_AVX2
                                          : 0;
-    return output_bytes >= (l3_speed ? at_l3_speed : one_core)[pass] ? vectors : 0;
+    return output_bytes >= smallest[pace][pass] ? vectors : 0;
 }
 
 const char *fbn_simd_level(void)

@@ -829,8 +829,15 @@ def _threads_for(elements, kernel_pass):
     return fbn_threads_for(elements, _PASSES[kernel_pass])
 
 
-def _streams_output(output_bytes, kernel_pass, l3_speed):
+#: How a pass written through the cache would run (csrc/common.h: fbn_pace).
+_PACES = {
+    "one core": FBN_ONE_CORE,
+    "chunked rows": FBN_CHUNKED_ROWS,
+    "L3 speed": FBN_L3_SPEED,
+}
+
+
+def _streams_output(output_bytes, kernel_pass, pace):
     """Whether ``kernel_pass`` (a key of _PASSES) writes its output of ``output_bytes`` with
-    streaming stores; ``l3_speed``: whether the pass would run at the speed of L3 with its
-    arrays there (several threads, no chunked rows)."""
-    return bool(fbn_stream_output(output_bytes, _PASSES[kernel_pass], l3_speed))
+    streaming stores at ``pace`` (a key of _PACES)."""
+    return bool(fbn_stream_output(output_bytes, _PASSES[kernel_pass], _PACES[pace]))

@@ -66,6 +66,11 @@ cdef extern from "common.h" nogil:
         FBN_PASS_TRAINING_FORWARD
         FBN_PASS_BACKWARD
 
-    int fbn_stream_output(int64_t output_bytes, fbn_pass kernel_pass, int l3_speed)
+    ctypedef enum fbn_pace:
+        FBN_ONE_CORE
+        FBN_CHUNKED_ROWS
+        FBN_L3_SPEED
+
+    int fbn_stream_output(int64_t output_bytes, fbn_pass kernel_pass, fbn_pace pace)
 
     int fbn_threads_for(int64_t elements, fbn_pass kernel_pass)

@@ -1,7 +1,8 @@
 """Large outputs: written with streaming stores on CPUs with AVX-512 or AVX2. On one core,
-y of the forward passes from 8 MiB and grad_x of the training backward from 6 MiB; where
-the pass runs at the speed of L3 (several threads, no rows walked in chunks of columns),
-eval's y from 18 MiB, the training forward's from 12 MiB and grad_x from 8 MiB.
+y of the forward passes from 8 MiB and grad_x of the training backward from 6 MiB; on
+several threads, over rows walked in chunks of columns, y from 10 MiB; at the speed of L3
+(several threads, no chunked rows), eval's y from 18 MiB, the training forward's from
+12 MiB and grad_x from 8 MiB.
 
 The streaming loop has its own code for the unaligned start and the end of every run, so
 it is checked here on runs whose length and offset are odd, in place and not, against the
@@ -29,27 +30,33 @@ SHORT_RUNS = (1200, 64, 7, 7)
 CHANNEL_TILES = (640, 64, 9, 9)
 #: Channels-last, (N, C): whole rows stream as one block, with C below, at and past a vector.
 ROWS_SHAPES = [(1_100_003, 3), (100_003, 37), (50_001, 64)]
+#: Rows wider than a chunk (4 KiB, walked a chunk of columns at a time through the cache),
+#: 5600 bytes apart: streamed whole from 10 MiB on several threads.
+WIDE_ROWS = (2_001, 1_400)
 
 
-def test_outputs_stream_from_a_size_for_each_pass_on_one_core_and_at_l3_speed():
-    def streams(output_bytes, kernel_pass, l3_speed):
-        return _core._streams_output(output_bytes, kernel_pass, l3_speed)
+def test_outputs_stream_from_a_size_for_each_pass_and_pace():
+    def streams(output_bytes, kernel_pass, pace):
+        return _core._streams_output(output_bytes, kernel_pass, pace)
 
     MiB = 2**20
-    if not streams(8 * MiB, "eval", False):
+    if not streams(8 * MiB, "eval", "one core"):
         pytest.skip("this CPU has neither AVX-512 nor AVX2: nothing streams")
-    one_core = {"eval": 8 * MiB, "training": 8 * MiB, "backward": 6 * MiB}
-    at_l3_speed = {"eval": 18 * MiB, "training": 12 * MiB, "backward": 8 * MiB}
-    for l3_speed, smallest in ((False, one_core), (True, at_l3_speed)):
-        for kernel_pass, output_bytes in smallest.items():
-            where = f"{kernel_pass}, {'at L3 speed' if l3_speed else 'on one core'}"
-            assert streams(output_bytes, kernel_pass, l3_speed), where
-            assert not streams(output_bytes - 64, kernel_pass, l3_speed), where
+    smallest = {
+        "one core": {"eval": 8 * MiB, "training": 8 * MiB, "backward": 6 * MiB},
+        "chunked rows": {"eval": 10 * MiB, "training": 10 * MiB},
+        "L3 speed": {"eval": 18 * MiB, "training": 12 * MiB, "backward": 8 * MiB},
+    }
+    for pace, sizes in smallest.items():
+        for kernel_pass, output_bytes in sizes.items():
+            assert streams(output_bytes, kernel_pass, pace), f"{kernel_pass}, {pace}"
+            assert not streams(output_bytes - 64, kernel_pass, pace), f"{kernel_pass}, {pace}"
+    assert streams(int(np.prod(WIDE_ROWS)) * 4, "training", "chunked rows")
     for shape in [SHAPE, SHORT_RUNS, CHANNEL_TILES] + ROWS_SHAPES:
         output_bytes = int(np.prod(shape)) * 4  # the float32 cases: float64 streams too
-        assert streams(output_bytes, "eval", False), f"{shape}: eval's y on one core"
-        assert streams(output_bytes, "training", True), f"{shape}: the training forward's y"
-        assert streams(output_bytes, "backward", True), f"{shape}: grad_x"
+        assert streams(output_bytes, "eval", "one core"), f"{shape}: eval's y on one core"
+        assert streams(output_bytes, "training", "L3 speed"), f"{shape}: training forward's y"
+        assert streams(output_bytes, "backward", "L3 speed"), f"{shape}: grad_x"
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -68,7 +75,7 @@ def test_streamed_training_forward_matches_the_reference(dtype, in_place, shape)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", ROWS_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", ROWS_SHAPES + [WIDE_ROWS], ids=str)
 def test_streamed_channels_last_forward_matches_the_reference(dtype, shape):
     rng = np.random.default_rng(2)
     x = (rng.standard_normal(shape) * 2 - 5).astype(dtype)
@@ -102,7 +109,7 @@ def test_streamed_eval_forward_matches_the_reference(dtype, threads, restore_thr
 
 @pytest.mark.parametrize("threads", [1, None], ids=["1-thread", "all-threads"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [SHAPE, SHORT_RUNS] + ROWS_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", [SHAPE, SHORT_RUNS] + ROWS_SHAPES + [WIDE_ROWS], ids=str)
 def test_streamed_eval_is_bit_for_bit_what_the_cache_path_writes(dtype, shape, threads,
                                                                   restore_threads):
     """Eval's constants are per channel, so the output of a slice of x is the same slice of
@@ -126,7 +133,8 @@ def test_streamed_eval_is_bit_for_bit_what_the_cache_path_writes(dtype, shape, t
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [SHAPE, SHORT_RUNS, CHANNEL_TILES] + ROWS_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", [SHAPE, SHORT_RUNS, CHANNEL_TILES] + ROWS_SHAPES + [WIDE_ROWS],
+                         ids=str)
 def test_streamed_training_backward_matches_the_reference(dtype, shape):
     rng = np.random.default_rng(3)
     x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
