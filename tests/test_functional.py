@@ -2,9 +2,11 @@
 
 Every layout of conftest.ALL_CASES (dtype x shape x axis x memory order) is run through
 ``batch_norm_train``, ``batch_norm`` in training and eval mode, and ``batch_norm_backward``
-in both modes; test ids name all four. Then the array-handling contract: ``out=``, in-place
-operation, optional affine parameters, untouched and read-only inputs, byte-swapped and
-unaligned input, and channels whose variance is zero.
+in both modes; test ids name all four. Two property tests draw layouts at random: small
+ones of any rank, axis, memory order and magnitude, and large ones (20K to 400K values) as
+the kernels plan them, at any offset from a cache line. Then the array-handling contract:
+``out=``, in-place operation, optional affine parameters, untouched and read-only inputs,
+byte-swapped and unaligned input, and channels whose variance is zero.
 
 Tolerances are ``factor * (eps * scale + tiny)`` (conftest.assert_close; tiny, the smallest
 subnormal, for results below the normal range):
@@ -19,7 +21,7 @@ subnormal, for results below the normal range):
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastbn
@@ -369,6 +371,58 @@ def test_random_layouts_match_reference(case, seed, affine, log10_magnitude):
     )
     check_train_y(case, y, x, weight, bias)
     check_running_stats(case, x, running_mean, running_var, old_mean, old_var, MOMENTUM)
+
+
+@st.composite
+def _large_cases(draw):
+    """A layout of 20K to 400K values, C-contiguous, as the kernels plan for it: runs of
+    any length along channels first ((N, C, inner): tiles, short runs spread over columns),
+    rows ((N, C): blocks, chunks of wide rows, eval of few rows split by columns) or
+    channels last ((A, B, C)), from one channel to 4096."""
+    def log_uniform(low, high):  # integers spread evenly in log2, in tenths
+        return round(2 ** (draw(st.integers(round(10 * low), round(10 * high))) / 10))
+
+    values = log_uniform(14.3, 18.6)
+    channels = min(log_uniform(0, 12), values // 2)
+    layout = draw(st.sampled_from(["runs", "rows", "channels last"]))
+    if layout == "runs":
+        inner = min(log_uniform(0, 12), values // channels)
+        outer = max(values // (channels * inner), 1 if inner > 1 else 2)
+        shape, axis = (outer, channels, inner), 1
+    elif layout == "rows":
+        shape, axis = (values // channels, channels), 1
+    else:
+        positions, first = values // channels, draw(st.integers(1, 8))
+        shape, axis = (first, -(-positions // first), channels), -1
+    return Case(draw(st.sampled_from(DTYPES)), shape, axis, "C")
+
+
+@settings(
+    max_examples=max(settings().max_examples // 4, 10),
+    suppress_health_check=[HealthCheck.function_scoped_fixture],  # it only restores, at the end
+)
+@given(
+    case=_large_cases(),
+    seed=st.integers(0, 2**32 - 1),
+    x_offset=st.integers(0, 63),
+    grad_offset=st.integers(0, 63),
+    one_thread=st.booleans(),
+)
+def test_random_large_layouts_match_reference(
+    case, seed, x_offset, grad_offset, one_thread, restore_threads
+):
+    """The kernels' plans over random layouts large enough for threads (on one thread or
+    all), tiles, spreading and blocks, with x and grad_out at any element of a cache line:
+    every function in every mode, and moments."""
+    rng = np.random.default_rng(seed)
+    itemsize = np.dtype(case.dtype).itemsize
+    fastbn.set_num_threads(1 if one_thread else None)
+    x = _placed(case.array(rng), x_offset // itemsize * itemsize)
+    grad_out = _placed(rng.standard_normal(case.shape).astype(case.dtype),
+                       grad_offset // itemsize * itemsize)
+    weight, bias = case.per_channel(rng), case.per_channel(rng)
+    running_mean, running_var = _running_stats(case, rng)
+    _check_everything(case, x, weight, bias, running_mean, running_var, grad_out)
 
 
 # ------------------------------------------------------------- parameters and modes
