@@ -121,6 +121,22 @@ def test_bad_shape_on_the_command_line(tmp_path):
     assert "bad shape '32x'" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--threads", "0", "thread count must be >= 1, got 0"),
+    ("--threads", "2,x", "invalid thread count 'x'"),
+    ("--repeat", "0", "round count must be >= 1, got 0"),
+    ("--budget", "0", "budget must be > 0, got 0"),
+    ("--budget", "nan", "budget must be > 0, got nan"),
+    ("--wait-idle", "-1", "wait must be >= 0, got -1"),
+])
+def test_bad_numbers_are_refused_before_anything_runs(option, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--quick", "--no-torch", "--quiet", option, value])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {option}: {message}" in error and "Traceback" not in error
+
+
 def test_case_names_parse_back():
     assert bench.parse_case("32x64") == bench.Case((32, 64))
     for case in bench.DEFAULT_CASES + bench.QUICK_CASES:

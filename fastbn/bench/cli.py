@@ -5,6 +5,7 @@
 """
 
 import argparse
+import math
 import sys
 
 import fastbn
@@ -33,14 +34,21 @@ def _comma_list(convert, choices=None):
     return parse
 
 
-def _thread_count(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid thread count {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"thread count must be >= 1, got {value}")
-    return value
+def _number(convert, what, minimum, *, above=False):
+    """An argparse type: ``convert(text)``, finite and at least ``minimum`` (or, with
+    ``above``, more than it)."""
+    bound = f"> {minimum}" if above else f">= {minimum}"
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {what} {text!r}") from None
+        if not math.isfinite(value) or value < minimum or (above and value == minimum):
+            raise argparse.ArgumentTypeError(f"{what} must be {bound}, got {text}")
+        return value
+
+    return parse
 
 
 def add_arguments(parser):
@@ -63,21 +71,22 @@ def add_arguments(parser):
              "default: all",
     )
     parser.add_argument(
-        "--threads", type=_comma_list(_thread_count), metavar="LIST",
+        "--threads", type=_comma_list(_number(int, "thread count", 1)), metavar="LIST",
         help="thread counts for fastbn, torch and the copy, e.g. 1,2: one table per count, and "
-             "fastbn and the copy alone at each count on the large cases. Default: fastbn.get_num_threads() "
-             f"(now {fastbn.get_num_threads()}), compared with 1 thread on the large cases",
+             "fastbn and the copy alone at each count on the large cases. Default: "
+             f"fastbn.get_num_threads() (now {fastbn.get_num_threads()}), compared with 1 thread "
+             "on the large cases",
     )
     parser.add_argument(
-        "--repeat", type=int, metavar="ROUNDS",
+        "--repeat", type=_number(int, "round count", 1), metavar="ROUNDS",
         help="interleaved rounds per measurement (default: adapted to --budget)",
     )
     parser.add_argument(
-        "--budget", type=float, metavar="SECONDS",
+        "--budget", type=_number(float, "budget", 0, above=True), metavar="SECONDS",
         help="aim for the whole run to take about this long (default 80; 1 with --quick)",
     )
     parser.add_argument(
-        "--wait-idle", type=float, default=0.0, metavar="SECONDS",
+        "--wait-idle", type=_number(float, "wait", 0), default=0.0, metavar="SECONDS",
         help="before each measurement, wait up to this long for other processes to leave the "
              "cores idle (for a shared machine; not counted in --budget)",
     )
@@ -97,8 +106,6 @@ def add_arguments(parser):
 
 def run_from_args(args):
     """Runs ``bench`` with parsed arguments, prints the report; returns the exit status."""
-    if args.repeat is not None and args.repeat < 1:
-        raise SystemExit("fastbn bench: --repeat must be >= 1")
     try:
         cases = select_cases(args.shapes, args.dtype, quick=args.quick)
     except ValueError as error:
