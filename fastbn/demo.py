@@ -381,6 +381,8 @@ def run(args):
         raise SystemExit("fastbn demo: --epochs must be >= 1")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise SystemExit("fastbn demo: --lr must be a positive number")
+    if not 0 <= args.seed < 2**32:  # what scikit-learn's split and NumPy's generators take
+        raise SystemExit(f"fastbn demo: --seed must be in [0, 2**32), got {args.seed}")
     started = time.perf_counter()
     _check_extras(plot=not args.no_plot)
     data = load_digits(args.seed)

@@ -62,7 +62,8 @@ def test_missing_the_accuracy_goal_fails(tmp_path, monkeypatch, capsys):
     assert "FAILED: test accuracy with BatchNorm" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--lr", "0"], ["--lr", "nan"]])
+@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--lr", "0"], ["--lr", "nan"],
+                                  ["--seed", "-1"], ["--seed", str(2**32)]])
 def test_bad_options_exit_with_a_message(argv):
     with pytest.raises(SystemExit, match="fastbn demo: --"):
         demo.run(parse(argv))
