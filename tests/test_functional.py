@@ -286,6 +286,27 @@ def test_backward_training_matches_reference(case, rng):
     _assert_gradients_match(case, got, expected, grad_out, x, mean, invstd, weight, True)
 
 
+#: A channel's grad_out and x of 4 MB (float32) or more, larger than any core's L2 cache: the
+#: training backward goes a channel at a time all the same, reading it again from L3
+#: (csrc/plan.c), on one thread or several.
+LARGE_CHANNELS = cases((((8, 3, 65536), 1),), orders=("C",))
+
+
+@pytest.mark.parametrize("case", LARGE_CHANNELS)
+@pytest.mark.parametrize("threads", [1, None], ids=["1-thread", "all-threads"])
+def test_backward_of_channels_larger_than_l2_matches_reference(case, threads, rng,
+                                                               restore_threads):
+    fastbn.set_num_threads(threads)
+    x, grad_out, weight, mean, invstd = _backward_inputs(case, rng)
+
+    got = fastbn.batch_norm_backward(
+        grad_out, x, mean, invstd, weight, training=True, axis=case.axis
+    )
+
+    expected = reference.backward_train(grad_out, x, mean, invstd, weight, axis=case.axis)
+    _assert_gradients_match(case, got, expected, grad_out, x, mean, invstd, weight, True)
+
+
 @pytest.mark.parametrize("case", ALL_CASES)
 def test_backward_eval_matches_reference(case, rng):
     x, grad_out, weight, _, _ = _backward_inputs(case, rng)
