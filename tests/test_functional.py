@@ -286,9 +286,9 @@ def test_backward_training_matches_reference(case, rng):
     _assert_gradients_match(case, got, expected, grad_out, x, mean, invstd, weight, True)
 
 
-#: A channel's grad_out and x of 4 MB (float32) or more, larger than any core's L2 cache: the
-#: training backward goes a channel at a time all the same, reading it again from L3
-#: (csrc/plan.c), on one thread or several.
+#: A channel's grad_out and x of 4 MB (float32) or more, larger than any core's L2 cache, in
+#: runs of 256 KiB: the training backward goes a channel at a time all the same, reading it
+#: again from L3 (csrc/plan.c), on one thread or several.
 LARGE_CHANNELS = cases((((8, 3, 65536), 1),), orders=("C",))
 
 
