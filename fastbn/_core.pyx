@@ -188,11 +188,23 @@ cdef _Batch _batch(object x, object axis, bint one_example=False):
                 batch.shape.outer *= dims[i]
             for i in order[at + 1:]:
                 batch.shape.inner *= dims[i]
-            return batch
+            return _one_run_for_one_channel(batch)
     for i in range(batch.axis):
         batch.shape.outer *= dims[i]
     for i in range(batch.axis + 1, ndim):
         batch.shape.inner *= dims[i]
+    return _one_run_for_one_channel(batch)
+
+
+cdef _Batch _one_run_for_one_channel(_Batch batch):
+    """A single channel's values fill x's block of memory: the kernels see them as one run,
+    (1, 1, M), their fastest walk, rather than as runs or rows. Float32, paired runs, one
+    thread: (53167, 1, 76) training forward 0.20x the time, backward 0.68x; (4817, 1, 633)
+    0.56x and 0.67x; (1173764, 1) backward 0.58x, training forward 1.08x; two threads
+    0.27-0.96x and 0.56-0.94x; eval 0.75-1.03x."""
+    if batch.shape.channels == 1:
+        batch.shape.inner *= batch.shape.outer
+        batch.shape.outer = 1
     return batch
 
 

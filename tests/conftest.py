@@ -103,8 +103,9 @@ SMALL_LAYOUTS = (
 #: channel); narrow rows, walked as wide rows, with rows left over in a thread's part
 #: ((16411, 6), (3001, 40), (4001, 17) whose wide rows end in part of a group, and (9000, 2,
 #: 4) spread to rows of 8 columns); and eval of few rows of many columns split by columns
-#: ((16, 4100), and (8, 1024, 8) spread); and one or two outer indices of many channels,
-#: whose grad_x pass goes a whole outer index at a time ((1, 512, 196), (2, 1024, 49)).
+#: ((16, 4100), and (8, 1024, 8) spread); one or two outer indices of many channels,
+#: whose grad_x pass goes a whole outer index at a time ((1, 512, 196), (2, 1024, 49)); and
+#: one channel, seen as one run whatever the layout ((300, 1, 70), (70000, 1)).
 LARGE_LAYOUTS = (
     ((4, 32, 14, 14), 1),
     ((64, 512), 1),
@@ -131,6 +132,8 @@ LARGE_LAYOUTS = (
     ((8, 1024, 8), 1),
     ((8, 16, 16, 32), -1),
     ((32, 64, 8, 8), -1),
+    ((300, 1, 70), 1),
+    ((70000, 1), 1),
 )
 
 
