@@ -38,15 +38,15 @@ fbn_plan fbn_make_plan(fbn_shape shape, size_t bytes_per_value, int64_t segment_
     int64_t fit = fbn_tile_budget_bytes() / (channel_bytes > 0 ? channel_bytes : 1);
     fit -= fit % granule;
     /* Where not even one granule stays in L2, the forward passes stream by position. The
-       backward goes a channel at a time all the same along runs of 32 KiB or more (of x
-       and of grad_out, L3_RUN_BYTES together): its second pass reads the channel
-       again from L3 rather than from memory. Float32, paired runs against by position,
-       one thread: (8, 64, 16000) 0.50x the time, (32, 64, 112, 112) 0.48x, (64, 16, 8192)
-       0.67x, (4, 32, 65536) 0.56x, 16 MB channels (32, 16, 65536) 0.61x, (1, 4, 2000000)
-       0.85x, float64 (64, 16, 4096) 0.65x; 2 threads 0.45-0.94x. Shorter runs, a few
-       lines read far apart, went faster by position: (768, 16, 256) 1.19x the time on one
-       thread, 1.41x on two, (8191, 2, 96) 1.43x; with runs of 16 KiB, (128, 16, 4096) took
-       0.88x on one thread, 1.12x on two. The training forward gained nothing
+       backward goes a channel at a time all the same along runs of 32 KiB or more of x and
+       of grad_out (L3_RUN_BYTES of both): its second pass reads the channel again from L3
+       rather than from memory. Float32, paired runs against by position, one thread:
+       (8, 64, 16000) 0.50x the time, (32, 64, 112, 112) 0.48x, (64, 16, 8192) 0.67x,
+       (4, 32, 65536) 0.56x, 16 MB channels (32, 16, 65536) 0.61x, (1, 4, 2000000) 0.85x,
+       float64 (64, 16, 4096) 0.65x; 2 threads 0.45-0.94x. Shorter runs, a few lines read
+       far apart, went faster by position: (768, 16, 256) 1.19x the time on one thread,
+       1.41x on two, (8191, 2, 96) 1.43x; with runs of 16 KiB, (128, 16, 4096) took 0.88x
+       on one thread, 1.12x on two. The training forward gained nothing
        ((32, 64, 112, 112) 0.98x, float64 (8, 64, 16000) 1.10x). */
     if (fit < granule) {
         enum { L3_RUN_BYTES = 2 * 32 * 1024 };

@@ -146,7 +146,8 @@ cdef double _momentum(object momentum) except? -1.0:
 
 cdef class _Batch:
     """An input checked and viewed as the kernels see it: (outer, channels, inner), the
-    axes before and after the channel axis in x's memory order."""
+    axes before and after the channel axis in x's memory order ((1, 1, M) for one
+    channel)."""
     cdef cnp.ndarray x  # kernel-ready: the input itself where it fills one block of memory
     cdef fbn_shape shape
     cdef int axis
